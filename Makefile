@@ -1,0 +1,43 @@
+# numareuse: `make demo` and `make test` do all set-up on a fresh Debian bookworm
+# machine (root): Debian packages, kernel headers for bcc, a venv, the package.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Debian packages: bcc and its Python binding, headers for bcc's compile,
+# nginx/wrk/iproute2 for end-to-end tests, qemu/busybox for the VM runner.
+APT_PKGS := python3-bpfcc libbpfcc bpfcc-tools linux-headers-amd64 bpftool \
+            nginx-light wrk iproute2 numactl procps
+VM_PKGS := qemu-system-x86 linux-image-amd64 busybox-static cpio
+PYTEST_ARGS ?=
+
+.PHONY: setup apt venv test lint demo bench vm-test clean
+
+setup: apt venv
+
+apt:
+	@missing=$$(for p in $(APT_PKGS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "setup: installing Debian packages:" $$missing; \
+	  apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; \
+	fi
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
+	@echo "setup: installing numareuse into $(VENV)"
+	@$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	@touch $@
+
+test: setup
+	@mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
+	$(VENV)/bin/ruff check numareuse cli tests bench
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check numareuse cli tests bench
+	$(VENV)/bin/ruff format --check numareuse cli tests bench
+
+clean:
+	rm -rf $(VENV) .build

@@ -1,0 +1,93 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * numareuse selector: BPF_PROG_TYPE_SK_REUSEPORT.
+ *
+ * Picks the listening (TCP) or bound (UDP) socket for a new connection or
+ * datagram from the region of the REUSEPORT_SOCKARRAY that belongs to the
+ * domain of the CPU processing the packet (with NIC IRQs on NUMA-local CPUs
+ * that is the receiving queue's domain), then from the wildcard region, and
+ * otherwise leaves the choice to the kernel's own hash.  It never drops.
+ *
+ * Every constant comes from numareuse/_layout.py as a -D define:
+ *   NR_DOMAINS      regions 0..NR_DOMAINS-1 are domains, region NR_DOMAINS
+ *                   is the wildcard
+ *   CAPACITY        slots per region; slot = region * CAPACITY + index
+ *   PROBE_MAX       how many slots a region is probed past empty ones
+ *   NR_CPUS_MAP     entries of the cpu -> domain map
+ *   C_*             counter indexes
+ *   *_FD            map fds, turned into map pointers by the loader
+ */
+#include <uapi/linux/bpf.h>
+
+#define MAP(fd) ((void *)bpf_pseudo_fd(1, fd))
+#define WILDCARD_REGION NR_DOMAINS
+
+static __always_inline void count(u32 idx, u64 n)
+{
+	u64 *v = bpf_map_lookup_elem(MAP(COUNTERS_FD), &idx);
+
+	if (v)
+		*v += n; /* per-CPU: no atomics needed */
+}
+
+/*
+ * Select a live socket of @region for @hash.  Returns the number of empty
+ * slots it skipped, or -1 when the region has no live socket within the
+ * probe bound.  Slots are kept compact by the controller, so the first
+ * probe hits except right after a socket closed.
+ */
+static __always_inline int pick(struct sk_reuseport_md *ctx, u32 region, u32 hash)
+{
+	u32 *cnt = bpf_map_lookup_elem(MAP(REGION_COUNT_FD), &region);
+	u32 n, idx, key, i;
+
+	if (!cnt)
+		return -1;
+	n = *cnt;
+	if (n == 0)
+		return -1;
+	if (n > CAPACITY)
+		n = CAPACITY;
+	/* the kernel's reciprocal_scale(): a flow keeps its slot while n is unchanged */
+	idx = ((u64)hash * n) >> 32;
+#pragma unroll
+	for (i = 0; i < PROBE_MAX; i++) {
+		if (i >= n)
+			break;
+		key = region * CAPACITY + idx;
+		/* 0 on success; -ENOENT for an empty slot (its socket closed) */
+		if (bpf_sk_select_reuseport(ctx, MAP(SOCKARRAY_FD), &key, 0) == 0)
+			return i;
+		idx = idx + 1 == n ? 0 : idx + 1;
+	}
+	return -1;
+}
+
+int numareuse_select(struct sk_reuseport_md *ctx)
+{
+	u32 cpu = bpf_get_smp_processor_id();
+	u32 *dom = bpf_map_lookup_elem(MAP(CPU_DOMAIN_FD), &cpu);
+	u32 region = dom ? *dom : WILDCARD_REGION;
+	u32 hash = ctx->hash;
+	int skipped;
+
+	if (region < NR_DOMAINS) {
+		skipped = pick(ctx, region, hash);
+		if (skipped >= 0) {
+			count(C_LOCAL, 1);
+			if (skipped)
+				count(C_EMPTY_SKIPPED, skipped);
+			return SK_PASS;
+		}
+	}
+	skipped = pick(ctx, WILDCARD_REGION, hash);
+	if (skipped >= 0) {
+		count(C_WILDCARD, 1);
+		if (skipped)
+			count(C_EMPTY_SKIPPED, skipped);
+		return SK_PASS;
+	}
+	/* SK_PASS without a selection: the kernel hashes over the whole group */
+	count(C_FALLBACK, 1);
+	return SK_PASS;
+}

@@ -1,0 +1,300 @@
+"""Every raw syscall, socket option and magic number numareuse uses, in one place.
+
+Nothing here raises a numareuse error: callers get OSError with the kernel's
+errno, and the public layer translates it once (see ``errors.wrap``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import socket
+import struct
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+# x86_64 / arm64 syscall numbers differ for bpf; pidfd_getfd is 438 everywhere.
+_NR_BPF = {"x86_64": 321, "aarch64": 280}[os.uname().machine]
+_NR_PIDFD_GETFD = 438
+
+# enum bpf_cmd (include/uapi/linux/bpf.h)
+BPF_MAP_CREATE = 0
+BPF_MAP_LOOKUP_ELEM = 1
+BPF_MAP_UPDATE_ELEM = 2
+BPF_MAP_DELETE_ELEM = 3
+BPF_MAP_GET_NEXT_KEY = 4
+BPF_OBJ_PIN = 6
+BPF_OBJ_GET = 7
+BPF_PROG_GET_NEXT_ID = 11
+BPF_MAP_GET_NEXT_ID = 12
+BPF_PROG_GET_FD_BY_ID = 13
+BPF_OBJ_GET_INFO_BY_FD = 15
+
+# enum bpf_map_type / bpf_prog_type / bpf_attach_type
+BPF_MAP_TYPE_HASH = 1
+BPF_MAP_TYPE_ARRAY = 2
+BPF_MAP_TYPE_PERCPU_ARRAY = 6
+BPF_MAP_TYPE_REUSEPORT_SOCKARRAY = 20
+BPF_PROG_TYPE_SK_REUSEPORT = 21
+BPF_SK_REUSEPORT_SELECT = 39
+BPF_SK_REUSEPORT_SELECT_OR_MIGRATE = 40  # 5.14+: room for tcp_migrate_req
+
+BPF_ANY = 0
+BPF_NOEXIST = 1
+
+# socket options (include/uapi/asm-generic/socket.h)
+SO_REUSEPORT = 15
+SO_ACCEPTCONN = 30
+SO_INCOMING_CPU = 49
+SO_ATTACH_REUSEPORT_EBPF = 52
+SO_COOKIE = 57
+SO_DETACH_REUSEPORT_BPF = 68
+SO_PROTOCOL = 38
+SO_DOMAIN = 39
+
+
+class _MapCreate(ctypes.Structure):
+    _fields_ = [
+        ("map_type", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("inner_map_fd", ctypes.c_uint32),
+        ("numa_node", ctypes.c_uint32),
+        ("map_name", ctypes.c_char * 16),
+    ]
+
+
+class _MapElem(ctypes.Structure):
+    _fields_ = [
+        ("map_fd", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("key", ctypes.c_uint64),
+        ("value", ctypes.c_uint64),
+        ("flags", ctypes.c_uint64),
+    ]
+
+
+class _ObjPin(ctypes.Structure):
+    _fields_ = [
+        ("pathname", ctypes.c_uint64),
+        ("bpf_fd", ctypes.c_uint32),
+        ("file_flags", ctypes.c_uint32),
+    ]
+
+
+class _InfoByFd(ctypes.Structure):
+    _fields_ = [
+        ("bpf_fd", ctypes.c_uint32),
+        ("info_len", ctypes.c_uint32),
+        ("info", ctypes.c_uint64),
+    ]
+
+
+class _GetId(ctypes.Structure):
+    _fields_ = [
+        ("start_id", ctypes.c_uint32),
+        ("next_id", ctypes.c_uint32),
+        ("open_flags", ctypes.c_uint32),
+    ]
+
+
+def _bpf(cmd: int, attr: ctypes.Structure) -> int:
+    # The kernel zero-checks the tail of bpf_attr past what it knows, so pass
+    # exactly the struct we filled (it is zero-initialised by ctypes).
+    ret = _libc.syscall(_NR_BPF, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return ret
+
+
+def map_create(map_type: int, key_size: int, value_size: int, max_entries: int, name: str) -> int:
+    attr = _MapCreate(map_type, key_size, value_size, max_entries)
+    attr.map_name = name.encode()[:15]
+    return _bpf(BPF_MAP_CREATE, attr)
+
+
+def _elem(cmd: int, fd: int, key: bytes, value, flags: int = 0) -> None:
+    kbuf = ctypes.create_string_buffer(key, len(key))
+    attr = _MapElem(fd, 0, ctypes.addressof(kbuf), ctypes.addressof(value) if value is not None else 0, flags)
+    _bpf(cmd, attr)
+
+
+def map_update(fd: int, key: int, value: bytes, flags: int = BPF_ANY) -> None:
+    vbuf = ctypes.create_string_buffer(value, len(value))
+    _elem(BPF_MAP_UPDATE_ELEM, fd, struct.pack("=I", key), vbuf, flags)
+
+
+def map_update_u64key(fd: int, key: int, value: bytes, flags: int = BPF_ANY) -> None:
+    vbuf = ctypes.create_string_buffer(value, len(value))
+    _elem(BPF_MAP_UPDATE_ELEM, fd, struct.pack("=Q", key), vbuf, flags)
+
+
+def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
+    """The value, or None when the key has no element (ENOENT)."""
+    vbuf = ctypes.create_string_buffer(value_size)
+    try:
+        _elem(BPF_MAP_LOOKUP_ELEM, fd, key, vbuf)
+    except OSError as e:
+        if e.errno == 2:
+            return None
+        raise
+    return vbuf.raw
+
+
+def map_delete(fd: int, key: bytes) -> bool:
+    """Delete; False when there was nothing to delete."""
+    try:
+        _elem(BPF_MAP_DELETE_ELEM, fd, key, None)
+    except OSError as e:
+        if e.errno == 2:
+            return False
+        raise
+    return True
+
+
+def obj_pin(fd: int, path: str) -> None:
+    p = ctypes.create_string_buffer(os.fsencode(path))
+    _bpf(BPF_OBJ_PIN, _ObjPin(ctypes.addressof(p), fd, 0))
+
+
+def obj_get(path: str) -> int:
+    p = ctypes.create_string_buffer(os.fsencode(path))
+    return _bpf(BPF_OBJ_GET, _ObjPin(ctypes.addressof(p), 0, 0))
+
+
+def obj_info(fd: int, size: int = 256) -> bytes:
+    buf = ctypes.create_string_buffer(size)
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoByFd(fd, size, ctypes.addressof(buf)))
+    return buf.raw
+
+
+def prog_info(fd: int) -> dict:
+    """id, name, run_time_ns and run_cnt of a program (struct bpf_prog_info)."""
+    raw = obj_info(fd, 232)
+    (ptype, pid) = struct.unpack_from("=II", raw, 0)
+    name = raw[64:80].split(b"\0", 1)[0].decode()
+    run_time_ns, run_cnt = struct.unpack_from("=QQ", raw, 192)
+    return {"type": ptype, "id": pid, "name": name, "run_time_ns": run_time_ns, "run_cnt": run_cnt}
+
+
+def map_info(fd: int) -> dict:
+    """type, id, sizes and name of a map (struct bpf_map_info)."""
+    raw = obj_info(fd, 88)
+    mtype, mid, ks, vs, me, mf = struct.unpack_from("=IIIIII", raw, 0)
+    name = raw[24:40].split(b"\0", 1)[0].decode()
+    return {"type": mtype, "id": mid, "key_size": ks, "value_size": vs, "max_entries": me, "name": name}
+
+
+def _next_ids(cmd: int) -> list[int]:
+    ids, start = [], 0
+    while True:
+        attr = _GetId(start, 0, 0)
+        try:
+            _bpf(cmd, attr)
+        except OSError as e:
+            if e.errno == 2:
+                return ids
+            raise
+        ids.append(attr.next_id)
+        start = attr.next_id
+
+
+def map_ids() -> list[int]:
+    """Ids of every BPF map in the kernel (to check for leaks)."""
+    return _next_ids(BPF_MAP_GET_NEXT_ID)
+
+
+def prog_ids() -> list[int]:
+    return _next_ids(BPF_PROG_GET_NEXT_ID)
+
+
+def prog_fd_by_id(prog_id: int) -> int:
+    return _bpf(BPF_PROG_GET_FD_BY_ID, _GetId(prog_id, 0, 0))
+
+
+def pidfd_getfd(pid: int, target_fd: int) -> int:
+    """A duplicate, in this process, of another process's fd (needs ptrace rights)."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        ret = _libc.syscall(_NR_PIDFD_GETFD, pidfd, target_fd, 0)
+        if ret < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        return ret
+    finally:
+        os.close(pidfd)
+
+
+def sched_getcpu() -> int:
+    """The CPU this thread runs on now (Python 3.11 has no os.sched_getcpu)."""
+    cpu = _libc.sched_getcpu()
+    if cpu < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return cpu
+
+
+def sock_opt_int(fd: int, opt: int) -> int:
+    s = socket.socket(fileno=os.dup(fd))
+    try:
+        return s.getsockopt(socket.SOL_SOCKET, opt)
+    finally:
+        s.close()
+
+
+def sock_cookie(fd: int) -> int:
+    s = socket.socket(fileno=os.dup(fd))
+    try:
+        return struct.unpack("=Q", s.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0]
+    finally:
+        s.close()
+
+
+def attach_reuseport_prog(sock_fd: int, prog_fd: int) -> None:
+    s = socket.socket(fileno=os.dup(sock_fd))
+    try:
+        s.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_EBPF, prog_fd)
+    finally:
+        s.close()
+
+
+def detach_reuseport_prog(sock_fd: int) -> bool:
+    """Detach the group's program; False when none was attached (ENOENT)."""
+    s = socket.socket(fileno=os.dup(sock_fd))
+    try:
+        s.setsockopt(socket.SOL_SOCKET, SO_DETACH_REUSEPORT_BPF, 0)
+    except OSError as e:
+        if e.errno == 2:
+            return False
+        raise
+    finally:
+        s.close()
+    return True
+
+
+def possible_cpus() -> int:
+    """Number of possible CPU ids (per-CPU map values have one slot each)."""
+    with open("/sys/devices/system/cpu/possible") as f:
+        return parse_cpulist(f.read())[-1] + 1
+
+
+def parse_cpulist(text: str) -> list[int]:
+    """'0-3,8,10-11' -> [0, 1, 2, 3, 8, 10, 11] (the kernel's cpulist format)."""
+    cpus: set[int] = set()
+    for part in text.strip().split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "-" in part:
+            lo, hi = part.split("-", 1)
+            if int(lo) > int(hi):
+                raise ValueError(f"bad CPU range {part!r}")
+            cpus.update(range(int(lo), int(hi) + 1))
+        else:
+            cpus.add(int(part))
+    return sorted(cpus)

@@ -1,0 +1,149 @@
+"""Which CPU belongs to which domain.
+
+A *domain* is a set of CPUs whose packets should be served by the same
+sockets. ``numa`` uses the kernel's NUMA nodes (domain id = node id; nodes
+with memory and no CPUs are not domains and do not shift other ids), ``llc``
+groups CPUs that share a last-level cache, ``cpu`` makes every online CPU
+its own domain (domain id = CPU id), and an explicit spec such as
+``"0-1;2-3"`` makes one domain per ``;``-separated CPU list, in order.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from dataclasses import dataclass, field
+
+from . import _sys
+from .errors import DomainSpecError
+
+SYS_CPU = "/sys/devices/system/cpu"
+SYS_NODE = "/sys/devices/system/node"
+MAX_DOMAINS = 64
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read().strip()
+
+
+def online_cpus() -> list[int]:
+    return _sys.parse_cpulist(_read(f"{SYS_CPU}/online"))
+
+
+def numa_nodes() -> dict[int, list[int]]:
+    """node id -> its online CPUs (empty for memory-only nodes)."""
+    online = set(online_cpus())
+    nodes = {}
+    for path in glob.glob(f"{SYS_NODE}/node[0-9]*"):
+        node = int(re.search(r"node(\d+)$", path).group(1))
+        nodes[node] = [c for c in _sys.parse_cpulist(_read(f"{path}/cpulist")) if c in online]
+    if not nodes:  # kernel without CONFIG_NUMA: one node with every CPU
+        nodes[0] = sorted(online)
+    return dict(sorted(nodes.items()))
+
+
+def llc_groups() -> list[list[int]]:
+    """Groups of online CPUs sharing their highest-level cache, ordered by first CPU."""
+    groups: dict[tuple[int, ...], None] = {}
+    for cpu in online_cpus():
+        best_level, best = -1, [cpu]
+        for idx in glob.glob(f"{SYS_CPU}/cpu{cpu}/cache/index[0-9]*"):
+            try:
+                level = int(_read(f"{idx}/level"))
+                if _read(f"{idx}/type") == "Instruction":
+                    continue
+                shared = _sys.parse_cpulist(_read(f"{idx}/shared_cpu_list"))
+            except OSError:
+                continue
+            if level > best_level:
+                best_level, best = level, shared
+        groups[tuple(sorted(best))] = None
+    online = set(online_cpus())
+    return sorted(([c for c in g if c in online] for g in groups), key=lambda g: g[0])
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Domains as CPU lists: ``domains[d]`` is domain d's CPUs (empty = not a domain)."""
+
+    spec: str
+    domains: tuple[tuple[int, ...], ...]
+    cpu_domain: dict[int, int] = field(compare=False)
+
+    @property
+    def ndomains(self) -> int:
+        return len(self.domains)
+
+    def valid(self, domain: int) -> bool:
+        return 0 <= domain < self.ndomains and bool(self.domains[domain])
+
+    def domain_of_cpus(self, cpus) -> int | None:
+        """The domain holding every CPU in ``cpus``, or None when they span domains."""
+        doms = {self.cpu_domain.get(c) for c in cpus}
+        if len(doms) == 1:
+            (d,) = doms
+            return d
+        return None
+
+    def as_dict(self) -> dict:
+        return {"spec": self.spec, "domains": {str(d): list(c) for d, c in enumerate(self.domains) if c}}
+
+
+def _from_groups(spec: str, groups: list[list[int]]) -> Topology:
+    cpu_domain: dict[int, int] = {}
+    for d, cpus in enumerate(groups):
+        for c in cpus:
+            if c in cpu_domain:
+                raise DomainSpecError(f"CPU {c} is in domains {cpu_domain[c]} and {d}")
+            cpu_domain[c] = d
+    if len(groups) > MAX_DOMAINS:
+        raise DomainSpecError(f"{len(groups)} domains, at most {MAX_DOMAINS} are supported")
+    if not any(groups):
+        raise DomainSpecError(f"domain spec {spec!r} gives no domain with a CPU")
+    return Topology(spec, tuple(tuple(g) for g in groups), cpu_domain)
+
+
+def parse(spec: str) -> Topology:
+    """Build a topology from ``numa``, ``llc``, ``cpu`` or ``"0-1;2-3"``."""
+    spec = spec.strip()
+    if spec == "numa":
+        nodes = numa_nodes()
+        groups = [nodes.get(n, []) for n in range(max(n for n, c in nodes.items() if c) + 1)]
+        return _from_groups(spec, groups)
+    if spec == "llc":
+        return _from_groups(spec, llc_groups())
+    if spec == "cpu":
+        online = online_cpus()
+        return _from_groups(spec, [[c] if c in online else [] for c in range(max(online) + 1)])
+    online = set(online_cpus())
+    groups = []
+    for part in spec.split(";"):
+        try:
+            cpus = _sys.parse_cpulist(part)
+        except ValueError:
+            raise DomainSpecError(
+                f"domain spec {spec!r} does not parse: expected numa, llc, cpu or CPU lists like '0-1;2-3'"
+            ) from None
+        if not cpus:
+            raise DomainSpecError(f"domain spec {spec!r} has an empty domain")
+        offline = [c for c in cpus if c not in online]
+        if offline:
+            raise DomainSpecError(f"domain spec {spec!r} names CPUs that are not online: {offline}")
+        groups.append(cpus)
+    return _from_groups(spec, groups)
+
+
+def current_domain(topo: Topology) -> int | None:
+    """The caller's domain, as FreeBSD's CURDOM.
+
+    If the calling thread's CPU affinity lies inside one domain, that domain
+    (the worker pinned itself there, so this stays true when it migrates);
+    otherwise the domain of the CPU it runs on now. None when that CPU is in
+    no domain.
+    """
+    d = topo.domain_of_cpus(os.sched_getaffinity(0))
+    if d is not None:
+        return d
+    return topo.cpu_domain.get(_sys.sched_getcpu())

@@ -1,0 +1,162 @@
+"""Real-kernel fixtures: sockets in SO_REUSEPORT groups, pinned clients, leak checks.
+
+A test that needs a kernel feature this machine lacks calls ``need(...)``:
+it skips with the reason, or fails when NUMAREUSE_REQUIRE_KERNEL=1 (CI), so
+that CI cannot pass by skipping the core.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+
+import pytest
+
+from numareuse import _sys
+
+REQUIRE_KERNEL = os.environ.get("NUMAREUSE_REQUIRE_KERNEL") == "1"
+
+
+def need(ok: bool, reason: str) -> None:
+    if ok:
+        return
+    if REQUIRE_KERNEL:
+        pytest.fail(f"NUMAREUSE_REQUIRE_KERNEL=1 and the kernel lacks: {reason}")
+    pytest.skip(reason)
+
+
+def _bpf_usable() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (CAP_BPF, CAP_NET_ADMIN)"
+    try:
+        fd = _sys.map_create(_sys.BPF_MAP_TYPE_REUSEPORT_SOCKARRAY, 4, 8, 1, "nr_probe")
+    except OSError as e:
+        return f"BPF_MAP_TYPE_REUSEPORT_SOCKARRAY unavailable: {e.strerror}"
+    os.close(fd)
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        return "bcc Python bindings (python3-bpfcc) missing"
+    return None
+
+
+_BPF_PROBLEM = _bpf_usable()
+
+
+@pytest.fixture
+def kernel():
+    """Skip (or fail under CI) unless BPF reuseport selection is usable here."""
+    need(_BPF_PROBLEM is None, _BPF_PROBLEM or "")
+
+
+@pytest.fixture
+def two_cpus():
+    need(len(os.sched_getaffinity(0)) >= 2, "needs at least 2 CPUs to make 2 virtual domains")
+
+
+LOOPBACK = {socket.AF_INET: "127.0.0.1", socket.AF_INET6: "::1"}
+
+
+def reuseport_socket(family=socket.AF_INET, type=socket.SOCK_STREAM, port=0, reuseport=True, listen=True):
+    s = socket.socket(family, type)
+    if reuseport:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    s.bind((LOOPBACK[family], port))
+    if type == socket.SOCK_STREAM and listen:
+        s.listen(512)
+    return s
+
+
+@pytest.fixture
+def group():
+    """Factory: n sockets of one new SO_REUSEPORT group; all closed at the end."""
+    made = []
+
+    def make(n, family=socket.AF_INET, type=socket.SOCK_STREAM):
+        first = reuseport_socket(family, type)
+        port = first.getsockname()[1]
+        socks = [first] + [reuseport_socket(family, type, port) for _ in range(n - 1)]
+        made.extend(socks)
+        return socks, port
+
+    yield make
+    for s in made:
+        s.close()
+
+
+@contextlib.contextmanager
+def pinned(cpu: int):
+    """Run the block on one CPU: over loopback the SYN is then processed on that CPU."""
+    old = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, old)
+
+
+def connect_from(cpu: int, family, port: int, n: int, type=socket.SOCK_STREAM) -> int:
+    """Open n connections (or send n datagrams) from a client pinned to ``cpu``; returns successes."""
+    ok = 0
+    with pinned(cpu):
+        for i in range(n):
+            c = socket.socket(family, type)
+            try:
+                if type == socket.SOCK_STREAM:
+                    c.settimeout(5)
+                    c.connect((LOOPBACK[family], port))
+                else:
+                    c.bind((LOOPBACK[family], 0))  # a new source port: a new flow each time
+                    c.sendto(b"x%d" % i, (LOOPBACK[family], port))
+                ok += 1
+            finally:
+                c.close()
+    return ok
+
+
+def drain(socks) -> list[int]:
+    """How many connections / datagrams each socket has queued (accepting them)."""
+    counts = []
+    for s in socks:
+        s.setblocking(False)
+        n = 0
+        while True:
+            try:
+                if s.type == socket.SOCK_STREAM:
+                    s.accept()[0].close()
+                else:
+                    s.recvfrom(64)
+            except BlockingIOError:
+                break
+            n += 1
+        counts.append(n)
+    return counts
+
+
+def open_fds() -> set[int]:
+    return {int(f) for f in os.listdir("/proc/self/fd")}
+
+
+@pytest.fixture
+def no_leaks(kernel):
+    """Fail the test if it leaves fds or BPF maps/programs behind."""
+    fds, maps, progs = open_fds(), set(_sys.map_ids()), set(_sys.prog_ids())
+    yield
+    import gc
+
+    gc.collect()
+    leaked_fds = open_fds() - fds
+    # listdir's own fd may appear; only count fds that still point somewhere
+    leaked_fds = {f for f in leaked_fds if os.path.exists(f"/proc/self/fd/{f}")}
+    assert not leaked_fds, {f: os.readlink(f"/proc/self/fd/{f}") for f in leaked_fds}
+    # the kernel frees maps and programs after an RCU grace period: give it a moment
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        left_maps, left_progs = set(_sys.map_ids()) - maps, set(_sys.prog_ids()) - progs
+        if not left_maps and not left_progs:
+            break
+        time.sleep(0.05)
+    assert not left_maps, f"BPF maps leaked: {sorted(left_maps)}"
+    assert not left_progs, f"BPF programs leaked: {sorted(left_progs)}"

@@ -1,0 +1,339 @@
+"""The core selector on the real kernel: real sockets, real program, real connections.
+
+Two virtual domains ("0;1": CPU 0 and CPU 1) and clients pinned to a CPU give
+exact, deterministic steering on a one-node machine.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+
+import pytest
+from conftest import LOOPBACK, connect_from, drain, pinned, reuseport_socket
+
+from numareuse import (
+    CURRENT,
+    WILDCARD,
+    CapacityError,
+    DomainError,
+    NotInGroupError,
+    NumaReuseError,
+    Selector,
+)
+
+FAMILIES = [socket.AF_INET, socket.AF_INET6]
+TYPES = [socket.SOCK_STREAM, socket.SOCK_DGRAM]
+N = 40  # connections per CPU
+
+
+def ids(v):
+    return {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6", socket.SOCK_STREAM: "tcp", socket.SOCK_DGRAM: "udp"}[v]
+
+
+@pytest.fixture
+def sel(kernel, two_cpus):
+    with Selector("0;1") as s:
+        yield s
+
+
+@pytest.mark.parametrize("type_", TYPES, ids=ids)
+@pytest.mark.parametrize("family", FAMILIES, ids=ids)
+def test_steers_each_cpu_to_its_domain(sel, group, family, type_):
+    socks, port = group(4, family, type_)
+    sel.attach(socks[0])
+    for i, s in enumerate(socks):
+        assert sel.register(s, i // 2) == i // 2
+    for cpu in (0, 1):
+        assert connect_from(cpu, family, port, N, type_) == N
+        got = drain(socks)
+        mine = got[2 * cpu : 2 * cpu + 2]
+        assert sum(mine) == N, f"cpu {cpu}: {got}"
+        assert all(c > 0 for c in mine), f"cpu {cpu}: both domain sockets should get some: {got}"
+    st = sel.stats()
+    assert st["local"] == 2 * N
+    assert st["wildcard"] == st["fallback"] == 0
+
+
+def test_flow_hash_keeps_a_flow_on_its_socket(sel, group):
+    """UDP from one source port is one flow: every datagram reaches the same socket."""
+    socks, port = group(4, socket.AF_INET, socket.SOCK_DGRAM)
+    sel.attach(socks[0])
+    for i, s in enumerate(socks):
+        sel.register(s, i // 2)
+    c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    c.bind(("127.0.0.1", 0))
+    os.sched_setaffinity(0, {0})
+    try:
+        for i in range(20):
+            c.sendto(b"%d" % i, ("127.0.0.1", port))
+    finally:
+        os.sched_setaffinity(0, set(range(os.cpu_count())))
+        c.close()
+    got = drain(socks)
+    assert sorted(got) == [0, 0, 0, 20]
+    assert sum(got[:2]) == 20
+
+
+def test_empty_domain_falls_back_to_wildcard(sel, group):
+    socks, port = group(3)
+    sel.attach(socks[0])
+    sel.register(socks[0], 0)
+    sel.register(socks[1], WILDCARD)
+    sel.register(socks[2], WILDCARD)
+    assert connect_from(1, socket.AF_INET, port, N) == N  # domain 1 has no socket
+    got = drain(socks)
+    assert got[0] == 0 and got[1] + got[2] == N and got[1] and got[2]
+    assert connect_from(0, socket.AF_INET, port, N) == N
+    assert drain(socks) == [N, 0, 0]
+    st = sel.stats()
+    assert (st["local"], st["wildcard"], st["fallback"]) == (N, N, 0)
+
+
+def test_no_domain_no_wildcard_uses_kernel_hash(sel, group):
+    socks, port = group(3)
+    sel.attach(socks[0])
+    sel.register(socks[0], 0)
+    assert connect_from(1, socket.AF_INET, port, N) == N  # nothing for domain 1: every connection accepted
+    got = drain(socks)
+    assert sum(got) == N and sum(1 for g in got if g) >= 2, got  # spread by the kernel over the whole group
+    assert sel.stats()["fallback"] == N
+
+
+def test_closed_socket_without_unregister(sel, group):
+    socks, port = group(4)
+    sel.attach(socks[0])
+    for i, s in enumerate(socks):
+        sel.register(s, i // 2)
+    socks[2].close()  # domain 1 loses one of its two sockets; the kernel empties its slot
+    assert connect_from(1, socket.AF_INET, port, N) == N
+    got = drain([socks[0], socks[1], socks[3]])
+    assert got == [0, 0, N]
+    st = sel.stats()
+    assert st["local"] == N and st["fallback"] == 0
+    # the probe stepped past the empty slot for the flows that hashed to it
+    assert st["empty_skipped"] > 0
+    # a sweep drops the dead slot and compacts: no probing any more
+    assert sel.refresh() == 1
+    regs = [r for r in sel.registrations() if r["domain"] == 1]
+    assert len(regs) == 1 and regs[0]["live"] and regs[0]["slot"] == sel.capacity
+    before = sel.stats()["empty_skipped"]
+    assert connect_from(1, socket.AF_INET, port, N) == N
+    assert drain([socks[3]]) == [N]
+    assert sel.stats()["empty_skipped"] == before
+
+
+def test_whole_domain_closed_falls_back(sel, group):
+    socks, port = group(3)
+    sel.attach(socks[0])
+    sel.register(socks[0], WILDCARD)
+    sel.register(socks[1], 1)
+    sel.register(socks[2], 1)
+    socks[1].close()
+    socks[2].close()
+    assert connect_from(1, socket.AF_INET, port, N) == N
+    assert drain([socks[0]]) == [N]
+
+
+def test_register_current_uses_affinity(sel, group):
+    socks, port = group(2)
+    sel.attach(socks[0])
+    for cpu, s in zip((0, 1), socks):
+        os.sched_setaffinity(0, {cpu})
+        try:
+            assert sel.register(s, CURRENT) == cpu
+        finally:
+            os.sched_setaffinity(0, set(range(os.cpu_count())))
+    assert [(r["domain"], r["live"]) for r in sel.registrations()] == [(0, True), (1, True)]
+
+
+def test_current_with_affinity_spanning_domains_uses_running_cpu(sel, group, monkeypatch):
+    """Affinity over both domains: CURRENT is the domain of the CPU the thread runs on."""
+    from numareuse import _sys
+
+    socks, _ = group(2)
+    sel.attach(socks[0])
+    os.sched_setaffinity(0, {0, 1})
+    monkeypatch.setattr(_sys, "sched_getcpu", lambda: 1)
+    assert sel.register(socks[0], CURRENT) == 1
+    monkeypatch.setattr(_sys, "sched_getcpu", lambda: 0)
+    assert sel.register(socks[0], CURRENT) == 0  # and registering again moved it
+    assert [r["domain"] for r in sel.registrations()] == [0]
+
+
+def test_current_on_cpu_in_no_domain_is_wildcard(kernel, two_cpus, group):
+    socks, _ = group(1)
+    with Selector("0") as sel, pinned(1):
+        sel.attach(socks[0])
+        assert sel.register(socks[0], CURRENT) == WILDCARD
+
+
+def test_register_again_moves_and_is_idempotent(sel, group):
+    socks, port = group(2)
+    sel.attach(socks[0])
+    sel.register(socks[0], 0)
+    sel.register(socks[1], 0)
+    sel.register(socks[0], 0)  # same domain: no change
+    assert [r["domain"] for r in sel.registrations()] == [0, 0]
+    sel.register(socks[0], 1)  # move
+    regs = sel.registrations()
+    assert sorted(r["domain"] for r in regs) == [0, 1]
+    assert connect_from(1, socket.AF_INET, port, N) == N
+    assert drain(socks) == [N, 0]
+    assert connect_from(0, socket.AF_INET, port, N) == N
+    assert drain(socks) == [0, N]
+
+
+def test_unregister_compacts(sel, group):
+    socks, port = group(4)
+    sel.attach(socks[0])
+    for s in socks:
+        sel.register(s, 0)
+    assert sel.unregister(socks[0]) is True
+    assert sel.unregister(socks[0]) is False
+    regs = sel.registrations()
+    assert [r["slot"] for r in regs] == [0, 1, 2]  # the last slot moved into the hole
+    assert all(r["live"] for r in regs)
+    assert connect_from(0, socket.AF_INET, port, N) == N
+    got = drain(socks)
+    assert got[0] == 0 and sum(got) == N
+    assert sel.stats()["empty_skipped"] == 0
+
+
+@pytest.mark.parametrize("bad", [-3, 2, 99, 1.0, "0", True, None])
+def test_bad_domain_is_einval(sel, group, bad):
+    socks, _ = group(1)
+    sel.attach(socks[0])
+    with pytest.raises(DomainError) as ei:
+        sel.register(socks[0], bad)
+    assert ei.value.errno == errno.EINVAL
+    assert sel.registrations() == []
+
+
+def test_not_in_group_is_enoent(sel, group):
+    socks, port = group(1)
+    with pytest.raises(NotInGroupError) as ei:
+        sel.register(socks[0], 0)  # not attached yet
+    assert ei.value.errno == errno.ENOENT
+    sel.attach(socks[0])
+    cases = []
+    plain = reuseport_socket(reuseport=False)  # no SO_REUSEPORT
+    cases.append(plain)
+    other = reuseport_socket()  # another group (another port)
+    cases.append(other)
+    unlistened = reuseport_socket(port=port, listen=False)  # bound, not listening
+    cases.append(unlistened)
+    udp = reuseport_socket(type=socket.SOCK_DGRAM)
+    cases.append(udp)
+    unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    cases.append(unix)
+    r, w = os.pipe()
+    try:
+        for s in cases:
+            with pytest.raises(NotInGroupError) as ei:
+                sel.register(s, 0)
+            assert ei.value.errno == errno.ENOENT
+        with pytest.raises(NotInGroupError):
+            sel.register(r, 0)  # not a socket at all
+    finally:
+        for s in cases:
+            s.close()
+        os.close(r)
+        os.close(w)
+    assert sel.registrations() == []
+
+
+def test_capacity_overflow(kernel, group):
+    socks, _ = group(3)
+    with Selector("0", capacity=2) as sel:
+        sel.attach(socks[0])
+        sel.register(socks[0], 0)
+        sel.register(socks[1], 0)
+        with pytest.raises(CapacityError) as ei:
+            sel.register(socks[2], 0)
+        assert ei.value.errno == errno.ENOSPC
+        assert "capacity" in str(ei.value)
+        sel.register(socks[2], WILDCARD)  # other regions are unaffected
+        assert len(sel.registrations()) == 3
+
+
+def test_detach_restores_kernel_balance(sel, group):
+    socks, port = group(2)
+    sel.attach(socks[0])
+    sel.register(socks[0], 0)
+    sel.register(socks[1], 1)
+    assert sel.detach() is True
+    assert sel.detach() is False  # idempotent
+    assert not sel.attached
+    for cpu in (0, 1):
+        assert connect_from(cpu, socket.AF_INET, port, N) == N
+        got = drain(socks)
+        assert all(got), f"kernel hash should use both sockets: {got}"
+    assert sel.stats()["local"] == 0  # the program no longer runs
+    with pytest.raises(NotInGroupError):
+        sel.register(socks[0], 0)
+    sel.attach(socks[1])  # and can attach again
+    assert connect_from(0, socket.AF_INET, port, N) == N
+    assert drain(socks) == [N, 0]
+
+
+def test_attach_other_group_refused(sel, group):
+    a, _ = group(1)
+    b, _ = group(1)
+    sel.attach(a[0])
+    sel.attach(a[0])  # again: no-op
+    with pytest.raises(NumaReuseError):
+        sel.attach(b[0])
+
+
+def test_attach_requires_reuseport(sel):
+    s = reuseport_socket(reuseport=False)
+    try:
+        with pytest.raises(NotInGroupError):
+            sel.attach(s)
+    finally:
+        s.close()
+
+
+def test_64_domains_1024_sockets(kernel, group):
+    cpus = sorted(os.sched_getaffinity(0))
+    # 64 domains: domain d holds CPU d for the CPUs that exist, the rest are empty-CPU-free groups
+    spec = "cpu"
+    from numareuse.topology import Topology
+
+    groups = [(cpus[d],) if d < len(cpus) else () for d in range(64)]
+    topo = Topology(spec, tuple(groups), {c: d for d, g in enumerate(groups) for c in g})
+    socks, port = group(1024)
+    with Selector(topo, capacity=512) as sel:
+        sel.attach(socks[0])
+        for i, s in enumerate(socks):
+            sel.register(s, i % len(cpus) if i < 1000 else WILDCARD)
+        assert len(sel.registrations()) == 1024
+        assert connect_from(cpus[0], socket.AF_INET, port, N) == N
+        got = drain(socks)
+        assert sum(got) == N
+        assert all(got[i] == 0 for i in range(len(socks)) if i >= 1000 or i % len(cpus) != 0)
+
+
+def test_close_releases_everything(no_leaks, group, two_cpus):
+    socks, port = group(2)
+    sel = Selector("0;1")
+    sel.attach(socks[0])
+    sel.register(socks[0], 0)
+    sel.register(socks[1], 1)
+    sel.close()
+    sel.close()  # twice is fine
+    assert connect_from(0, socket.AF_INET, port, 10) == 10  # detached: kernel hash
+    assert sum(drain(socks)) == 10
+
+
+def test_failed_construction_leaks_nothing(no_leaks):
+    with pytest.raises(NumaReuseError):
+        Selector("0-1;1")  # CPU 1 in two domains
+    with pytest.raises(NumaReuseError):
+        Selector("0", capacity=0)
+
+
+def test_loopback_constants():
+    assert LOOPBACK[socket.AF_INET6] == "::1"
