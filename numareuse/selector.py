@@ -156,16 +156,7 @@ class Selector:
         topo = domains if isinstance(domains, topology.Topology) else topology.parse(domains)
         if not 1 <= capacity <= _layout.MAX_CAPACITY:
             raise NumaReuseError(f"capacity {capacity} out of range 1..{_layout.MAX_CAPACITY}")
-        self.topology = topo
-        self.capacity = capacity
-        self.ncpus = _sys.possible_cpus()
-        self._fds: dict[str, int] = {}
-        self._prog_fd = -1
-        self._lock_fd = -1
-        self._sock_fds: dict[int, int] = {}  # cookie -> the caller's fd of that socket (not a dup)
-        self._group: tuple | None = None
-        self._attach_fd: int | None = None
-        self._owner = os.getpid()
+        self._init(topo, capacity)
         try:
             self._create_maps()
             self._write_layout()
@@ -177,6 +168,44 @@ class Selector:
             self._release()
             raise
         self._lock = _Lock(self._lock_fd, posix=True)
+
+    def _init(self, topo: topology.Topology, capacity: int) -> None:
+        self.topology = topo
+        self.capacity = capacity
+        self.ncpus = _sys.possible_cpus()
+        self._fds: dict[str, int] = {}
+        self._prog_fd = -1
+        self._lock_fd = -1
+        self._sock_fds: dict[int, int] = {}  # cookie -> the caller's fd of that socket (not a dup)
+        self._group: tuple | None = None
+        self._attached = False
+        self._owner = os.getpid()
+        self._detach_on_close = True
+
+    @classmethod
+    def adopt(cls, topo: topology.Topology, capacity: int, fds: dict[str, int], prog_fd: int) -> Selector:
+        """A selector over existing maps and program (pinned state); takes ownership of the fds.
+
+        It does not know whether the program is attached: the caller does.
+        """
+        self = cls.__new__(cls)
+        self._init(topo, capacity)
+        self._fds, self._prog_fd = dict(fds), prog_fd
+        self._lock_fd = os.memfd_create("numareuse-lock", 0)
+        self._lock = _Lock(self._lock_fd, posix=True)
+        self._detach_on_close = False
+        return self
+
+    @wrap("pinning the selector in bpffs")
+    def pin(self, directory: str) -> None:
+        """Pin every map and the program as files in ``directory`` (an existing bpffs dir).
+
+        Pinned steering outlives this object: close() no longer detaches.
+        """
+        self._detach_on_close = False
+        for key, fd in self._fds.items():
+            _sys.obj_pin(fd, os.path.join(directory, key))
+        _sys.obj_pin(self._prog_fd, os.path.join(directory, "prog"))
 
     # -- construction -----------------------------------------------------
 
@@ -223,7 +252,7 @@ class Selector:
 
     @property
     def attached(self) -> bool:
-        return self._group is not None
+        return self._attached
 
     @property
     def prog_fd(self) -> int:
@@ -288,22 +317,32 @@ class Selector:
 
     # -- attach / detach --------------------------------------------------
 
-    def attach(self, sock) -> None:
-        """Attach the program to the SO_REUSEPORT group of ``sock`` (any socket of it).
+    def use_group(self, sock) -> None:
+        """Name the SO_REUSEPORT group of ``sock`` without attaching the program.
 
-        Attaching again to the same group is a no-op.
+        Lets a controller fill the regions first, so that the program steers
+        from its first packet (``attach`` afterwards).
         """
         fd = _fileno(sock)
         key = self._group_key(fd)
         if self._group is not None and key != self._group:
             raise NumaReuseError(f"already attached to group {self._group[3]}; use one Selector per group")
-        try:
-            _sys.attach_reuseport_prog(fd, self._prog_fd)
-        except OSError as e:
-            raise from_oserror(e, "attaching the program (SO_ATTACH_REUSEPORT_EBPF)") from e
         self._group = key
-        self._attach_fd = fd
         self._sock_fds[_sys.sock_cookie(fd)] = fd
+
+    def attach(self, sock) -> None:
+        """Attach the program to the SO_REUSEPORT group of ``sock`` (any socket of it).
+
+        Attaching again is harmless: the kernel swaps in the same program.
+        """
+        self.use_group(sock)
+        try:
+            _sys.attach_reuseport_prog(_fileno(sock), self._prog_fd)
+        except OSError as e:
+            if not self._attached:
+                self._group = None
+            raise from_oserror(e, "attaching the program (SO_ATTACH_REUSEPORT_EBPF)") from e
+        self._attached = True
 
     def _any_group_fd(self, sock=None) -> int | None:
         if sock is not None:
@@ -320,18 +359,18 @@ class Selector:
         Needs an open socket of the group: ``sock``, or one this selector
         attached or registered. Returns False when nothing was attached.
         """
-        if self._group is None:
+        if not self._attached:
             return False
         fd = self._any_group_fd(sock)
         if fd is None:
             # every socket we knew is closed: the group (and the program with it) is gone
-            self._group = None
+            self._group, self._attached = None, False
             return False
         try:
             done = _sys.detach_reuseport_prog(fd)
         except OSError as e:
             raise from_oserror(e, "detaching the program (SO_DETACH_REUSEPORT_BPF)") from e
-        self._group = None
+        self._group, self._attached = None, False
         return done
 
     # -- registration -----------------------------------------------------
@@ -512,14 +551,15 @@ class Selector:
     def close(self) -> None:
         """Detach (in the process that created the selector) and release every fd.
 
-        A forked worker closing its inherited copy only drops its fds.
+        A forked worker closing its inherited copy only drops its fds, and a
+        pinned selector stays attached (detach explicitly).
         """
         try:
-            if os.getpid() == self._owner and self._group is not None:
+            if self._detach_on_close and os.getpid() == self._owner and self._attached:
                 with contextlib.suppress(NumaReuseError):
                     self.detach()
         finally:
-            self._group = None
+            self._group, self._attached = None, False
             self._release()
             self._sock_fds.clear()
 
@@ -530,7 +570,7 @@ class Selector:
         self.close()
 
     def __repr__(self) -> str:
-        state = "attached" if self._group else "detached"
+        state = "attached" if self._attached else "detached"
         return f"<Selector domains={self.topology.spec!r} ndomains={self.ndomains} {state}>"
 
 

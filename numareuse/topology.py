@@ -147,3 +147,92 @@ def current_domain(topo: Topology) -> int | None:
     if d is not None:
         return d
     return topo.cpu_domain.get(_sys.sched_getcpu())
+
+
+def _irq_cpus(irq: int) -> list[int]:
+    for name in ("effective_affinity_list", "smp_affinity_list"):
+        try:
+            return _sys.parse_cpulist(_read(f"/proc/irq/{irq}/{name}"))
+        except (OSError, ValueError):
+            continue
+    return []
+
+
+def _irq_names() -> dict[int, str]:
+    names = {}
+    try:
+        with open("/proc/interrupts") as f:
+            ncpu = len(f.readline().split())
+            for line in f:
+                parts = line.split()
+                if parts and parts[0].rstrip(":").isdigit():
+                    names[int(parts[0].rstrip(":"))] = " ".join(parts[1 + ncpu :])
+    except OSError:
+        pass
+    return names
+
+
+def _mask_cpus(mask: str) -> list[int]:
+    bits = int(mask.replace(",", "") or "0", 16)
+    return [i for i in range(bits.bit_length()) if bits >> i & 1]
+
+
+def interfaces() -> list[dict]:
+    """Each network interface's RX queues, their IRQs, the CPUs those run on, and the nodes.
+
+    A queue whose IRQ affinity (or RPS CPUs) spans NUMA nodes gets a warning:
+    its packets are processed on several nodes, which defeats NUMA steering.
+    """
+    node_of = {c: n for n, cpus in numa_nodes().items() for c in cpus}
+    irq_names = _irq_names()
+    out = []
+    for path in sorted(glob.glob("/sys/class/net/*")):
+        ifname = os.path.basename(path)
+        rxq = sorted(glob.glob(f"{path}/queues/rx-*"), key=lambda p: int(p.rsplit("-", 1)[1]))
+        dev = os.path.realpath(f"{path}/device") if os.path.exists(f"{path}/device") else None
+        irqs: list[int] = []
+        for d in [dev, os.path.dirname(dev)] if dev else []:
+            if os.path.isdir(f"{d}/msi_irqs"):
+                irqs = sorted(int(i) for i in os.listdir(f"{d}/msi_irqs"))
+                break
+        # queue IRQs: names mentioning rx / TxRx / comp / the interface, not config or events
+        qirqs = [
+            i
+            for i in irqs
+            if re.search(r"rx|comp|input|" + re.escape(ifname), irq_names.get(i, ""), re.I)
+            and not re.search(r"config|event|async|ctrl", irq_names.get(i, ""), re.I)
+        ]
+        queues = []
+        for n, q in enumerate(rxq):
+            qi = {"queue": os.path.basename(q)}
+            if n < len(qirqs):
+                cpus = _irq_cpus(qirqs[n])
+                qi.update(irq=qirqs[n], irq_name=irq_names.get(qirqs[n], ""), cpus=cpus)
+            try:
+                rps = _mask_cpus(_read(f"{q}/rps_cpus"))
+            except OSError:
+                rps = []
+            if rps:
+                qi["rps_cpus"] = rps
+            cpus = rps or qi.get("cpus", [])
+            nodes = sorted({node_of[c] for c in cpus if c in node_of})
+            qi["nodes"] = nodes
+            if len(nodes) > 1:
+                qi["warning"] = f"processed on CPUs of nodes {nodes}: packets of one queue reach several domains"
+            queues.append(qi)
+        out.append({"name": ifname, "device": os.path.basename(dev) if dev else None, "rx_queues": queues})
+    return out
+
+
+def report() -> dict:
+    """Everything ``numareuse topology`` shows."""
+    nodes = numa_nodes()
+    llc = llc_groups()
+    llc_of = {c: i for i, g in enumerate(llc) for c in g}
+    node_of = {c: n for n, cpus in nodes.items() for c in cpus}
+    return {
+        "cpus": [{"cpu": c, "node": node_of.get(c), "llc": llc_of.get(c)} for c in online_cpus()],
+        "nodes": [{"node": n, "cpus": cpus, "memory_only": not cpus} for n, cpus in nodes.items()],
+        "llc_groups": llc,
+        "interfaces": interfaces(),
+    }

@@ -1,0 +1,326 @@
+"""The ``numareuse`` command: a thin click layer over numareuse.control.
+
+Nouns read (status, stats, topology), verbs change (attach, detach). Errors
+are one line, ``Error: <command>: <cause>``, exit status 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import click
+
+from numareuse import NumaReuseError, control, topology
+from numareuse._layout import DEFAULT_CAPACITY, MAX_CAPACITY
+from numareuse.errors import from_oserror
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (NumaReuseError, OSError) as e:
+            if isinstance(e, OSError):
+                e = from_oserror(e, "system call")
+            if os.environ.get("NUMAREUSE_DEBUG"):
+                raise
+            cmd = ctx.invoked_subcommand or ctx.info_name
+            cause = " ".join(str(e).split("\n")[0].split()) if not hasattr(e, "verifier") else str(e)
+            click.echo(f"Error: {cmd}: {cause}", err=True)
+            ctx.exit(1)
+
+
+def _emit(data, as_json: bool, human) -> None:
+    if as_json:
+        click.echo(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        human(data)
+
+
+def _group_options(f):
+    f = click.option("--ipv6", is_flag=True, help="The group is IPv6 (default IPv4).")(f)
+    f = click.option("--udp", is_flag=True, help="The group is UDP (default TCP).")(f)
+    f = click.option("--address", "-a", metavar="ADDR", help="Bound address, when the port is bound on several.")(f)
+    f = click.option("--port", "-p", type=click.IntRange(1, 65535), required=True, help="The group's port.")(f)
+    return f
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="numareuse")
+def main():
+    """Keep a server's new connections on the NUMA domain that received them.
+
+    numareuse attaches a BPF SK_REUSEPORT program to a running server's
+    SO_REUSEPORT group: each new connection goes to a socket whose worker
+    runs in the domain (NUMA node) of the CPU that processed the packet,
+    else to a wildcard socket, else to the kernel's own choice. It never
+    refuses a connection. Needs root.
+
+    \b
+    Examples:
+      numareuse topology
+      numareuse attach --port 8080
+      numareuse status
+      numareuse stats --watch 1
+      numareuse detach --port 8080
+    """
+
+
+@main.command(
+    epilog="""\b
+Examples:
+  numareuse attach --port 8080                  # TCP/IPv4, domains = NUMA nodes
+  numareuse attach -p 8080 --domains '0-7;8-15' # explicit CPU groups
+  numareuse attach -p 53 --udp --ipv6 --json
+  numareuse attach -p 8080                      # again: re-scan workers, update"""
+)
+@_group_options
+@click.option(
+    "--domains",
+    "-d",
+    default="numa",
+    show_default=True,
+    metavar="numa|llc|cpu|SPEC",
+    help="How CPUs form domains: NUMA nodes, last-level-cache groups, single CPUs, or CPU lists like '0-3;4-7'.",
+)
+@click.option(
+    "--capacity",
+    type=click.IntRange(1, MAX_CAPACITY),
+    default=DEFAULT_CAPACITY,
+    show_default=True,
+    help="Sockets per domain.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress lines on stderr.")
+def attach(port, address, udp, ipv6, domains, capacity, as_json, quiet):
+    """Attach NUMA-local steering to the SO_REUSEPORT group on a port.
+
+    Finds every socket of the group in this network namespace and the worker
+    that accepts on each (the process whose epoll watches it), gives each
+    socket the domain holding all CPUs of its worker's affinity (else the
+    wildcard), loads and attaches the selector, and pins it in bpffs so the
+    steering outlives this command. Running it again re-scans and updates
+    the registrations in place.
+    """
+
+    def progress(msg):
+        if not quiet:
+            click.echo(f"attach: {msg}", err=True)
+
+    report = control.attach(port, address, udp, ipv6, domains, capacity, progress=progress)
+    if report["action"] == "unchanged":
+        click.echo(f"note: already attached to {_gname(report)}; nothing changed", err=True)
+
+    def human(r):
+        click.echo(
+            f"{r['action']} {_gname(r)} program {r['program_id']} ({len(r['sockets'])} sockets, {r['seconds']} s)"
+        )
+        for c in r["changes"]:
+            click.echo(f"  {c}")
+
+    _emit(report, as_json, human)
+
+
+def _gname(r) -> str:
+    g = r["group"]
+    host = f"[{g['address']}]" if g["family"] == 6 else g["address"]
+    return f"{g['proto']}{g['family']} {host}:{g['port']}"
+
+
+@main.command(
+    epilog="""\b
+Examples:
+  numareuse detach --port 8080
+  numareuse detach -p 53 --udp --ipv6"""
+)
+@_group_options
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def detach(port, address, udp, ipv6, as_json):
+    """Detach the program from a group and remove its pinned state.
+
+    The kernel's own hash balances the group again. Detaching what is not
+    attached is a no-op with a note.
+    """
+    r = control.detach(port, address, udp, ipv6)
+    if r["action"] == "none":
+        click.echo(f"note: {r['note']}", err=True)
+    _emit(r, as_json, lambda r: r["action"] == "detached" and click.echo(f"detached {_gname(r)}"))
+
+
+@main.command(
+    epilog="""\b
+Examples:
+  numareuse status
+  numareuse status --json | jq '.[].sockets[] | select(.domain == "wildcard")'"""
+)
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON (stable field names).")
+def status(as_json):
+    """Show every attached group and its sockets (sk:<cookie>, owner pid, domain)."""
+
+    def human(groups):
+        if not groups:
+            click.echo("no group attached in this network namespace")
+        for g in groups:
+            if "error" in g:
+                click.echo(f"{g['name']}: {g['error']}")
+                continue
+            click.echo(f"{g['name']}  domains={g['spec']}  program={g['program_id']}  sockets={len(g['sockets'])}")
+            for s in g["sockets"]:
+                owners = ",".join(f"{o['pid']}/{o['comm']}" for o in s["owners"]) or "-"
+                state = "" if s["live"] else "  (closed)"
+                click.echo(f"  {s['sk']:<14} domain={s['domain']!s:<9} owner={owners}{state}")
+
+    _emit(control.status(), as_json, human)
+
+
+@main.command(
+    epilog="""\b
+Examples:
+  numareuse stats
+  numareuse stats --watch 1          # rates every second, Ctrl-C to stop
+  numareuse stats --prometheus > /var/lib/node_exporter/numareuse.prom"""
+)
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@click.option("--prometheus", is_flag=True, help="Print in the Prometheus text format.")
+@click.option("--watch", type=click.FloatRange(min=0.1), metavar="SECONDS", help="Repeat every SECONDS with rates.")
+@click.option("--count", type=click.IntRange(min=1), help="With --watch: stop after COUNT reports.")
+def stats(as_json, prometheus, watch, count):
+    """Selections per group by outcome, and the share served on the local domain.
+
+    Outcomes: local (a socket of the packet's domain), wildcard (the domain
+    had none), fallback (no registered socket: the kernel's hash),
+    empty_skipped (slots of closed sockets probed past).
+    """
+    if as_json and prometheus:
+        raise click.UsageError("choose one of --json and --prometheus")
+    if not watch:
+        _print_stats(control.stats(), as_json, prometheus, None, None)
+        return
+    prev, prev_t, n = None, None, 0
+    try:
+        while True:
+            cur, now = control.stats(), time.monotonic()
+            _print_stats(cur, as_json, prometheus, prev, (now - prev_t) if prev_t else None)
+            prev, prev_t, n = cur, now, n + 1
+            if count and n >= count:
+                return
+            sys.stdout.flush()
+            time.sleep(watch)
+    except KeyboardInterrupt:
+        pass
+
+
+def _print_stats(groups, as_json, prometheus, prev, dt):
+    if dt:
+        before = {g["name"]: g for g in prev or []}
+        for g in groups:
+            p = before.get(g["name"])
+            if p and "counters" in g and "counters" in p:
+                g["rates"] = {k: round((v - p["counters"][k]) / dt, 1) for k, v in g["counters"].items()}
+    if prometheus:
+        click.echo(_prometheus(groups), nl=False)
+        return
+    if as_json:
+        click.echo(json.dumps(groups, sort_keys=True))
+        return
+    if not groups:
+        click.echo("no group attached in this network namespace")
+    for g in groups:
+        if "error" in g:
+            click.echo(f"{g['name']}: {g['error']}")
+            continue
+        c = g["counters"]
+        loc = "-" if g["locality"] is None else f"{100 * g['locality']:.1f}%"
+        line = (
+            f"{g['name']}  local={c['local']} wildcard={c['wildcard']} fallback={c['fallback']} "
+            f"empty_skipped={c['empty_skipped']} locality={loc}"
+        )
+        if "rates" in g:
+            r = g["rates"]
+            line += f"  ({r['local']}/s local, {r['wildcard']}/s wildcard, {r['fallback']}/s fallback)"
+        click.echo(line)
+
+
+def _prometheus(groups) -> str:
+    out = [
+        "# HELP numareuse_selections_total Sockets selected for new connections, by outcome.",
+        "# TYPE numareuse_selections_total counter",
+    ]
+    for g in groups:
+        if "counters" in g:
+            for k in ("local", "wildcard", "fallback"):
+                out.append(f'numareuse_selections_total{{group="{g["name"]}",outcome="{k}"}} {g["counters"][k]}')
+    out += [
+        "# HELP numareuse_empty_slots_skipped_total Slots of closed sockets probed past.",
+        "# TYPE numareuse_empty_slots_skipped_total counter",
+    ]
+    for g in groups:
+        if "counters" in g:
+            out.append(f'numareuse_empty_slots_skipped_total{{group="{g["name"]}"}} {g["counters"]["empty_skipped"]}')
+    out += [
+        "# HELP numareuse_locality_ratio Share of selections served on the packet's domain.",
+        "# TYPE numareuse_locality_ratio gauge",
+    ]
+    for g in groups:
+        if g.get("locality") is not None:
+            out.append(f'numareuse_locality_ratio{{group="{g["name"]}"}} {g["locality"]}')
+    return "\n".join(out) + "\n"
+
+
+@main.command(
+    name="topology",
+    epilog="""\b
+Examples:
+  numareuse topology
+  numareuse topology --json | jq '.interfaces[].rx_queues[] | select(.warning)'""",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def topology_cmd(as_json):
+    """Show CPUs -> NUMA nodes and LLC groups, and NIC RX queues -> IRQ -> CPUs -> node.
+
+    Warns when one RX queue's IRQ affinity (or RPS CPUs) spans nodes: that
+    queue's packets are processed on several nodes, which defeats steering.
+    """
+
+    def human(r):
+        click.echo("NUMA nodes:")
+        for n in r["nodes"]:
+            cpus = _cpulist(n["cpus"]) if n["cpus"] else "none (memory only, not a domain)"
+            click.echo(f"  node {n['node']}: cpus {cpus}")
+        click.echo("Last-level cache groups:")
+        for i, g in enumerate(r["llc_groups"]):
+            click.echo(f"  llc {i}: cpus {_cpulist(g)}")
+        click.echo("Interfaces (RX queue -> IRQ -> CPUs -> node):")
+        for i in r["interfaces"]:
+            click.echo(f"  {i['name']}" + (f" ({i['device']})" if i["device"] else ""))
+            for q in i["rx_queues"]:
+                irq = f"irq {q['irq']}" if "irq" in q else "no irq found"
+                cpus = q.get("rps_cpus") or q.get("cpus")
+                via = "rps " if q.get("rps_cpus") else ""
+                where = f" -> {via}cpus {_cpulist(cpus)} -> node {','.join(map(str, q['nodes']))}" if cpus else ""
+                click.echo(f"    {q['queue']}: {irq}{where}")
+                if "warning" in q:
+                    click.echo(f"    warning: {i['name']} {q['queue']} {q['warning']}", err=True)
+
+    _emit(topology.report(), as_json, human)
+
+
+def _cpulist(cpus) -> str:
+    out, run = [], []
+    for c in sorted(cpus):
+        if run and c == run[-1] + 1:
+            run.append(c)
+            continue
+        if run:
+            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+        run = [c]
+    if run:
+        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ",".join(out)
+
+
+if __name__ == "__main__":
+    main()

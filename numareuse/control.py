@@ -1,0 +1,260 @@
+"""What the CLI does, as a library: attach, detach, status, stats on running servers.
+
+Each function either completes or leaves the system as it found it: state is
+published only after the program steers correctly, and a failure after the
+program was attached re-attaches what was there before (or detaches).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from . import _sys, discovery, topology
+from ._layout import COUNTERS, DEFAULT_CAPACITY
+from .errors import NumaReuseError, StateError
+from .selector import WILDCARD, Selector
+from .state import Group, Store, require_root
+
+
+def _domain_name(d: int) -> str | int:
+    return "wildcard" if d == WILDCARD else d
+
+
+def attach(
+    port: int,
+    address: str | None = None,
+    udp: bool = False,
+    ipv6: bool = False,
+    domains: str = "numa",
+    capacity: int = DEFAULT_CAPACITY,
+    progress=lambda msg: None,
+) -> dict:
+    """Attach (or update) NUMA-local steering for the group on ``port``; returns a report."""
+    require_root()
+    topo = topology.parse(domains)  # a bad spec fails here, before anything is touched
+    t0 = time.monotonic()
+    store = Store(create=True)
+    with store.locked():
+        progress(f"scanning sockets on port {port}")
+        group, socks = discovery.find_sockets(port, address, udp, ipv6)
+        try:
+            discovery.assign_domains(socks, topo)
+            progress(f"found {len(socks)} sockets of {group}")
+            if store.exists(group):
+                report = _update(store, group, socks, topo, capacity, progress)
+            else:
+                report = _fresh(store, group, socks, topo, capacity, progress)
+        finally:
+            discovery.close_all(socks)
+    report["seconds"] = round(time.monotonic() - t0, 3)
+    return report
+
+
+def _info(group: Group, topo: topology.Topology, socks) -> dict:
+    return {
+        "group": group.as_dict(),
+        "spec": topo.spec,
+        "sockets": {str(s.cookie): s.as_dict() for s in socks},
+        "updated": time.time(),
+    }
+
+
+def _fresh(store: Store, group, socks, topo, capacity, progress, replacing: Selector | None = None) -> dict:
+    progress(f"loading the selector ({topo.ndomains} domains, capacity {capacity})")
+    sel = Selector(topo, capacity=capacity)
+    try:
+        sel.use_group(socks[0].fd)
+        for s in socks:  # fill every region before the program sees a packet
+            sel.register(s.fd, s.domain)
+        sel.attach(socks[0].fd)
+        try:
+            store.publish(group, sel, _info(group, topo, socks))
+        except BaseException:
+            if replacing is not None:  # put the previous program back
+                _sys.attach_reuseport_prog(socks[0].fd, replacing.prog_fd)
+                sel._attached = False  # what is attached now is not ours to detach on close
+            else:
+                sel.detach(socks[0].fd)
+            raise
+        progress(f"attached program id {sel.program_info()['id']}")
+        return {
+            "action": "attached",
+            "group": group.as_dict(),
+            "program_id": sel.program_info()["id"],
+            "sockets": [s.as_dict() for s in socks],
+            "changes": [f"+ sk:{s.cookie} -> {_domain_name(s.domain)}" for s in socks],
+        }
+    finally:
+        sel.close()
+
+
+def _update(store: Store, group, socks, topo, capacity, progress) -> dict:
+    old = store.open(group.name)
+    try:
+        if old.topology.domains != topo.domains or old.capacity != capacity:
+            progress("domains or capacity changed: building a new selector and swapping it in")
+            report = _fresh(store, group, socks, topo, capacity, progress, replacing=old)
+            report["action"] = "replaced"
+            return report
+        old.use_group(socks[0].fd)
+        for s in socks:
+            old.use_group(s.fd)  # let compaction move any of them
+        have = {r["cookie"]: r["domain"] for r in old.registrations() if r["live"]}
+        changes = []
+        for s in socks:
+            if have.get(s.cookie) != s.domain:
+                old.register(s.fd, s.domain)
+                was = "-" if s.cookie not in have else _domain_name(have[s.cookie])
+                changes.append(f"{'+' if was == '-' else '~'} sk:{s.cookie} {was} -> {_domain_name(s.domain)}")
+        freed = old.refresh()
+        if freed:
+            changes.append(f"- {freed} closed socket(s) dropped")
+        old.attach(socks[0].fd)  # the same program again: repairs a detach done behind our back
+        store.write_info(group, _info(group, topo, socks))
+        progress("up to date" if not changes else f"{len(changes)} change(s)")
+        return {
+            "action": "updated" if changes else "unchanged",
+            "group": group.as_dict(),
+            "program_id": old.program_info()["id"],
+            "sockets": [s.as_dict() for s in socks],
+            "changes": changes,
+        }
+    finally:
+        old.close()
+
+
+def _match(store: Store, port: int, address, udp, ipv6) -> list[str]:
+    out = []
+    for name in store.groups():
+        g = group_of(store, name)
+        if g.port == port and g.proto == ("udp" if udp else "tcp") and g.family == (6 if ipv6 else 4):
+            if address is None or g.address == address:
+                out.append(name)
+    return out
+
+
+def group_of(store: Store, name: str) -> Group:
+    info = store.info(name).get("group")
+    if info:
+        return Group(**info)
+    head, *addr, port = name.split("_")  # tcp4_127_0_0_1_8080
+    fam = int(head[-1])
+    return Group(head[:-1], fam, ("." if fam == 4 else ":").join(addr), int(port))
+
+
+def detach(port: int, address: str | None = None, udp: bool = False, ipv6: bool = False) -> dict:
+    """Detach the program from the group on ``port`` and remove its pinned state."""
+    require_root()
+    store = Store()
+    with store.locked():
+        names = _match(store, port, address, udp, ipv6)
+        if not names:
+            return {"action": "none", "note": f"nothing attached by numareuse on port {port}"}
+        if len(names) > 1:
+            addrs = ", ".join(group_of(store, n).address for n in names)
+            raise NumaReuseError(f"port {port} is attached on several addresses ({addrs}): choose one with --address")
+        name = names[0]
+        group = group_of(store, name)
+        try:
+            _, socks = discovery.find_sockets(port, group.address, udp, ipv6)
+        except NumaReuseError:
+            socks = []  # the server is gone: so is the group and its program
+        try:
+            detached = bool(socks) and _sys.detach_reuseport_prog(socks[0].fd)
+        except OSError as e:
+            from .errors import from_oserror
+
+            raise from_oserror(e, "detaching the program (SO_DETACH_REUSEPORT_BPF)") from e
+        finally:
+            discovery.close_all(socks)
+        store.remove(name)
+        return {"action": "detached", "group": group.as_dict(), "program_was_attached": detached}
+
+
+def status() -> list[dict]:
+    """Every pinned group of this network namespace, with its sockets."""
+    store = Store()
+    out = []
+    with store.locked(shared=True):
+        for name in store.groups():
+            out.append(_group_status(store, name))
+    return out
+
+
+def _group_status(store: Store, name: str) -> dict:
+    group = group_of(store, name)
+    info = store.info(name)
+    try:
+        sel = store.open(name)
+    except StateError as e:
+        return {"group": group.as_dict(), "name": str(group), "error": str(e)}
+    try:
+        owners = info.get("sockets", {})
+        socks = []
+        for r in sel.registrations():
+            o = owners.get(str(r["cookie"]), {})
+            procs = [p for p in o.get("owners", []) if _alive(p["pid"])]
+            socks.append(
+                {
+                    "sk": f"sk:{r['cookie']}",
+                    "cookie": r["cookie"],
+                    "domain": _domain_name(r["domain"]),
+                    "live": r["live"],
+                    "slot": r["slot"],
+                    "owners": procs,
+                }
+            )
+        return {
+            "name": str(group),
+            "group": group.as_dict(),
+            "spec": sel.topology.spec,
+            "domains": {str(d): list(c) for d, c in enumerate(sel.topology.domains) if c},
+            "program_id": sel.program_info()["id"],
+            "capacity": sel.capacity,
+            "sockets": socks,
+        }
+    finally:
+        sel.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stats() -> list[dict]:
+    """Outcome counters of every pinned group, with the locality share."""
+    store = Store()
+    out = []
+    with store.locked(shared=True):
+        for name in store.groups():
+            group = group_of(store, name)
+            try:
+                sel = store.open(name)
+            except StateError as e:
+                out.append({"name": str(group), "group": group.as_dict(), "error": str(e)})
+                continue
+            try:
+                c = sel.stats()
+            finally:
+                sel.close()
+            total = c["local"] + c["wildcard"] + c["fallback"]
+            out.append(
+                {
+                    "name": str(group),
+                    "group": group.as_dict(),
+                    "counters": c,
+                    "selections": total,
+                    "locality": round(c["local"] / total, 4) if total else None,
+                }
+            )
+    return out
+
+
+assert COUNTERS[:3] == ("local", "wildcard", "fallback")

@@ -1,0 +1,217 @@
+"""Pinned state: steering that outlives the process that attached it.
+
+Layout, per network namespace and reuseport group (as Cloudflare's tubular)::
+
+    <bpffs>/numareuse/netns-<inode>/            lock: flock, shared for readers
+        tcp4_127_0_0_1_8080/                    one group; names have no dots (bpffs refuses them)
+            prog sockarray cpu_domain region_count counters slot_cookie slot_of meta
+    <rundir>/netns-<inode>/tcp4_127_0_0_1_8080.json   spec and socket owners, for status
+
+A group directory is built under a temporary name and renamed into place,
+so readers see all of it or none. ``meta`` holds the layout version: state
+of another version is refused, never misread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import struct
+import subprocess
+import tempfile
+from dataclasses import dataclass
+
+from . import _layout, _sys
+from .errors import NotSupported, PermissionDenied, StateError, from_oserror
+from .selector import Selector, check_state_version
+from .topology import Topology
+
+BPF_FS_MAGIC = 0xCAFE4A11
+
+
+def bpffs_root() -> str:
+    return os.environ.get("NUMAREUSE_BPFFS", "/sys/fs/bpf")
+
+
+def run_root() -> str:
+    return os.environ.get("NUMAREUSE_RUNDIR", "/run/numareuse")
+
+
+def netns_id() -> str:
+    return f"netns-{os.stat('/proc/self/ns/net').st_ino}"
+
+
+@dataclass(frozen=True)
+class Group:
+    """One SO_REUSEPORT group: protocol, family, bound address and port."""
+
+    proto: str  # "tcp" | "udp"
+    family: int  # 4 | 6
+    address: str
+    port: int
+
+    @property
+    def name(self) -> str:
+        addr = self.address.replace(".", "_").replace(":", "_")
+        return f"{self.proto}{self.family}_{addr}_{self.port}"
+
+    def __str__(self) -> str:
+        host = f"[{self.address}]" if self.family == 6 else self.address
+        return f"{self.proto}{self.family} {host}:{self.port}"
+
+    def as_dict(self) -> dict:
+        return {"proto": self.proto, "family": self.family, "address": self.address, "port": self.port}
+
+
+def _is_bpffs(path: str) -> bool:
+    # statfs f_type would be exact; /proc/mounts is enough and portable in Python
+    path = os.path.realpath(path)
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[1] == path and line.split()[2] == "bpf" for line in f)
+
+
+def ensure_bpffs() -> str:
+    """The bpffs mount, mounted now if absent. Raises NotSupported when it cannot be."""
+    root = bpffs_root()
+    if _is_bpffs(root):
+        return root
+    if not os.path.isdir(root):
+        raise NotSupported(f"bpffs: {root} does not exist (kernel without CONFIG_BPF_SYSCALL?)")
+    r = subprocess.run(["mount", "-t", "bpf", "bpf", root], capture_output=True, text=True)
+    if r.returncode != 0 or not _is_bpffs(root):
+        cause = (r.stderr.strip().splitlines() or ["mount failed"])[-1]
+        raise NotSupported(f"bpffs is not mounted at {root} and cannot be mounted: {cause}")
+    return root
+
+
+class Store:
+    """The pinned groups of this network namespace, under one lock."""
+
+    def __init__(self, create: bool = False):
+        root = ensure_bpffs() if create else bpffs_root()
+        self.dir = os.path.join(root, "numareuse", netns_id())
+        self.rundir = os.path.join(run_root(), netns_id())
+        self._lock_fd = -1
+        if create:
+            try:
+                os.makedirs(self.dir, exist_ok=True)
+            except OSError as e:
+                raise from_oserror(e, f"creating {self.dir}") from e
+
+    @contextlib.contextmanager
+    def locked(self, shared: bool = False):
+        if not os.path.isdir(self.dir):
+            yield self
+            return
+        fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+            yield self
+        finally:
+            os.close(fd)
+
+    def groups(self) -> list[str]:
+        if not os.path.isdir(self.dir):
+            return []
+        return sorted(n for n in os.listdir(self.dir) if not n.startswith("tmp_"))
+
+    def exists(self, group: Group) -> bool:
+        return os.path.isdir(os.path.join(self.dir, group.name))
+
+    # -- reading ----------------------------------------------------------
+
+    def info(self, name: str) -> dict:
+        path = os.path.join(self.rundir, name + ".json")
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {}
+
+    def open(self, name: str) -> Selector:
+        """The pinned selector of group ``name`` (a directory name)."""
+        gdir = os.path.join(self.dir, name)
+        fds: dict[str, int] = {}
+        try:
+            for key in (*_layout.MAPS, "prog"):
+                try:
+                    fds[key] = _sys.obj_get(os.path.join(gdir, key))
+                except FileNotFoundError:
+                    raise StateError(f"pinned state {gdir} is incomplete: {key} is missing") from None
+                except OSError as e:
+                    raise from_oserror(e, f"opening pinned {key} in {gdir}") from e
+            meta = read_meta(fds["meta"])
+            check_state_version(meta)
+            topo = topology_from_map(fds["cpu_domain"], meta, self.info(name).get("spec", "pinned"))
+            prog = fds.pop("prog")
+            return Selector.adopt(topo, meta["capacity"], fds, prog)
+        except BaseException:
+            for fd in fds.values():
+                os.close(fd)
+            raise
+
+    # -- writing ----------------------------------------------------------
+
+    def publish(self, group: Group, sel: Selector, info: dict) -> None:
+        """Pin ``sel`` as ``group`` atomically (replacing an older pin) and write its info."""
+        tmp = tempfile.mkdtemp(prefix="tmp_", dir=self.dir)
+        try:
+            sel.pin(tmp)
+            final = os.path.join(self.dir, group.name)
+            if os.path.isdir(final):
+                old = final + "_old"
+                os.rename(final, old)
+                os.rename(tmp, final)
+                shutil.rmtree(old)
+            else:
+                os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self.write_info(group, info)
+
+    def write_info(self, group: Group, info: dict) -> None:
+        os.makedirs(self.rundir, exist_ok=True)
+        path = os.path.join(self.rundir, group.name + ".json")
+        fd, tmp = tempfile.mkstemp(dir=self.rundir, prefix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(info, f, indent=1)
+        os.rename(tmp, path)
+
+    def remove(self, name: str) -> None:
+        shutil.rmtree(os.path.join(self.dir, name), ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self.rundir, name + ".json"))
+        for d in (self.dir, self.rundir):  # leave no empty directories behind
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.dirname(self.dir))
+
+
+def read_meta(meta_fd: int) -> dict[str, int]:
+    out = {}
+    for i, k in enumerate(_layout.META_KEYS):
+        raw = _sys.map_lookup(meta_fd, struct.pack("=I", i), 8)
+        out[k] = struct.unpack("=Q", raw)[0] if raw else None
+    return out
+
+
+def topology_from_map(cpu_domain_fd: int, meta: dict, spec: str) -> Topology:
+    nd = meta["ndomains"]
+    groups: list[list[int]] = [[] for _ in range(nd)]
+    for cpu in range(meta["ncpus"]):
+        raw = _sys.map_lookup(cpu_domain_fd, struct.pack("=I", cpu), 4)
+        d = struct.unpack("=I", raw)[0] if raw else nd
+        if d < nd:
+            groups[d].append(cpu)
+    cpu_domain = {c: d for d, g in enumerate(groups) for c in g}
+    return Topology(spec, tuple(tuple(g) for g in groups), cpu_domain)
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        raise PermissionDenied("needs root (CAP_BPF, CAP_NET_ADMIN and CAP_SYS_PTRACE)")
