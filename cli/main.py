@@ -94,8 +94,13 @@ Examples:
     help="Sockets per domain.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress lines on stderr.")
-def attach(port, address, udp, ipv6, domains, capacity, as_json, quiet):
+@click.option(
+    "--progress/--quiet",
+    "-P/-q",
+    default=None,
+    help="Progress lines on stderr (default: when stderr is a terminal).",
+)
+def attach(port, address, udp, ipv6, domains, capacity, as_json, progress):
     """Attach NUMA-local steering to the SO_REUSEPORT group on a port.
 
     Finds every socket of the group in this network namespace and the worker
@@ -106,11 +111,13 @@ def attach(port, address, udp, ipv6, domains, capacity, as_json, quiet):
     the registrations in place.
     """
 
-    def progress(msg):
-        if not quiet:
+    show = sys.stderr.isatty() if progress is None else progress
+
+    def say(msg):
+        if show:
             click.echo(f"attach: {msg}", err=True)
 
-    report = control.attach(port, address, udp, ipv6, domains, capacity, progress=progress)
+    report = control.attach(port, address, udp, ipv6, domains, capacity, progress=say)
     if report["action"] == "unchanged":
         click.echo(f"note: already attached to {_gname(report)}; nothing changed", err=True)
 

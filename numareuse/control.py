@@ -65,16 +65,24 @@ def _fresh(store: Store, group, socks, topo, capacity, progress, replacing: Sele
     sel = Selector(topo, capacity=capacity)
     try:
         sel.use_group(socks[0].fd)
-        for s in socks:  # fill every region before the program sees a packet
-            sel.register(s.fd, s.domain)
-        sel.attach(socks[0].fd)
+        if replacing is not None:
+            # a socket fits in one sockarray only: empty the old one first; its program
+            # then leaves every choice to the kernel's hash until the swap below
+            replacing.clear()
         try:
+            for s in socks:  # fill every region before the program sees a packet
+                sel.register(s.fd, s.domain)
+            sel.attach(socks[0].fd)  # atomically replaces the old program, if any
             store.publish(group, sel, _info(group, topo, socks))
         except BaseException:
-            if replacing is not None:  # put the previous program back
+            if replacing is not None:  # put the previous program and its sockets back
+                sel.clear()
                 _sys.attach_reuseport_prog(socks[0].fd, replacing.prog_fd)
                 sel._attached = False  # what is attached now is not ours to detach on close
-            else:
+                for s in socks:
+                    replacing.use_group(s.fd)
+                    replacing.register(s.fd, s.domain)
+            elif sel.attached:
                 sel.detach(socks[0].fd)
             raise
         progress(f"attached program id {sel.program_info()['id']}")

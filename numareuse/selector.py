@@ -435,6 +435,22 @@ class Selector:
         with self._lock():
             return sum(self._compact(r) for r in range(self.ndomains + 1))
 
+    @wrap("clearing the selector's slots")
+    def clear(self) -> None:
+        """Unregister every socket (counts first, so the program stops picking at once).
+
+        A socket can sit in only one REUSEPORT_SOCKARRAY (the kernel marks it
+        busy), so a replacement selector needs the old one cleared first.
+        """
+        with self._lock():
+            for region in range(self.ndomains + 1):
+                n = self._count(region)
+                self._set_count(region, 0)
+                base = region * self.capacity
+                for i in range(n):
+                    cookie = self._slot_cookie(base + i)
+                    self._vacate(base + i, cookie)
+
     # Slot primitives; the lock is held by the caller.
 
     def _count(self, region: int) -> int:

@@ -139,24 +139,55 @@ def open_fds() -> set[int]:
     return {int(f) for f in os.listdir("/proc/self/fd")}
 
 
+class Created:
+    """Ids of the BPF maps and programs this process creates while active."""
+
+    def __init__(self, monkeypatch):
+        from numareuse import selector
+
+        self.maps: set[int] = set()
+        self.progs: set[int] = set()
+        real_map, real_prog = _sys.map_create, selector.load_program
+
+        def map_create(*a, **kw):
+            fd = real_map(*a, **kw)
+            self.maps.add(_sys.map_info(fd)["id"])
+            return fd
+
+        def load_program(*a, **kw):
+            fd = real_prog(*a, **kw)
+            self.progs.add(_sys.prog_info(fd)["id"])
+            return fd
+
+        monkeypatch.setattr(_sys, "map_create", map_create)
+        monkeypatch.setattr(selector, "load_program", load_program)
+
+    def alive(self) -> tuple[set[int], set[int]]:
+        """Those still in the kernel, after waiting for the RCU-deferred free."""
+        deadline = time.monotonic() + 3
+        while True:
+            maps, progs = self.maps & set(_sys.map_ids()), self.progs & set(_sys.prog_ids())
+            if not (maps or progs) or time.monotonic() > deadline:
+                return maps, progs
+            time.sleep(0.05)
+
+
 @pytest.fixture
-def no_leaks(kernel):
-    """Fail the test if it leaves fds or BPF maps/programs behind."""
-    fds, maps, progs = open_fds(), set(_sys.map_ids()), set(_sys.prog_ids())
-    yield
+def created(kernel, monkeypatch):
+    return Created(monkeypatch)
+
+
+@pytest.fixture
+def no_leaks(kernel, monkeypatch):
+    """Fail the test if it leaves fds, or BPF maps / programs it created, behind."""
+    fds = open_fds()
+    made = Created(monkeypatch)
+    yield made
     import gc
 
     gc.collect()
-    leaked_fds = open_fds() - fds
-    # listdir's own fd may appear; only count fds that still point somewhere
-    leaked_fds = {f for f in leaked_fds if os.path.exists(f"/proc/self/fd/{f}")}
+    leaked_fds = {f for f in open_fds() - fds if os.path.exists(f"/proc/self/fd/{f}")}
     assert not leaked_fds, {f: os.readlink(f"/proc/self/fd/{f}") for f in leaked_fds}
-    # the kernel frees maps and programs after an RCU grace period: give it a moment
-    deadline = time.monotonic() + 3
-    while time.monotonic() < deadline:
-        left_maps, left_progs = set(_sys.map_ids()) - maps, set(_sys.prog_ids()) - progs
-        if not left_maps and not left_progs:
-            break
-        time.sleep(0.05)
-    assert not left_maps, f"BPF maps leaked: {sorted(left_maps)}"
-    assert not left_progs, f"BPF programs leaked: {sorted(left_progs)}"
+    maps, progs = made.alive()
+    assert not maps, f"BPF maps leaked: {sorted(maps)}"
+    assert not progs, f"BPF programs leaked: {sorted(progs)}"

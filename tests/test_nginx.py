@@ -1,0 +1,140 @@
+"""Debian's nginx, unmodified (reuseport + worker_cpu_affinity), steered by `numareuse attach`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+from conftest import need, pinned
+from test_cli import cli, env  # noqa: F401  (fixture)
+
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+WRK = shutil.which("wrk")
+
+CONF = """
+worker_processes 2;
+worker_cpu_affinity 01 10;
+daemon off;
+master_process on;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    server {{
+        listen 127.0.0.1:{port} reuseport backlog=4096;
+        location / {{
+            add_header X-Worker-Pid $pid;
+            return 200 "$pid\\n";
+        }}
+    }}
+}}
+"""
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+@pytest.fixture
+def nginx(tmp_path, two_cpus):
+    need(os.path.exists(NGINX), "nginx (Debian nginx-light) is not installed")
+    port = free_port()
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(CONF.format(dir=tmp_path, port=port))
+    proc = subprocess.Popen([NGINX, "-c", str(conf), "-e", str(tmp_path / "error.log")])
+    import psutil
+
+    deadline = time.monotonic() + 10
+    workers = []
+    while time.monotonic() < deadline:
+        try:
+            workers = psutil.Process(proc.pid).children()
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            if len(workers) == 2:
+                break
+        except OSError:
+            pass
+        time.sleep(0.05)
+    assert len(workers) == 2, (tmp_path / "error.log").read_text()
+    cpu_of = {w.pid: w.cpu_affinity() for w in workers}
+    yield port, cpu_of
+    proc.terminate()
+    proc.wait(10)
+
+
+def worker_pid(port: int) -> int:
+    c = socket.create_connection(("127.0.0.1", port), timeout=5)
+    c.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+    data = b""
+    while chunk := c.recv(4096):
+        data += chunk
+    c.close()
+    return int(re.search(rb"X-Worker-Pid: (\d+)", data).group(1))
+
+
+def test_nginx_workers_get_their_cpus_connections(env, nginx):  # noqa: F811
+    port, cpu_of = nginx
+    assert sorted(tuple(c) for c in cpu_of.values()) == [(0,), (1,)]  # worker_cpu_affinity 01 10
+    rep = json.loads(cli("attach", "-p", port, "-d", "cpu", "--json").stdout)
+    owners = {o["pid"]: s["domain"] for s in rep["sockets"] for o in s["owners"]}
+    assert owners == {pid: cpus[0] for pid, cpus in cpu_of.items()}  # each worker polls its own socket
+    for cpu in (0, 1):
+        with pinned(cpu):
+            got = {worker_pid(port) for _ in range(20)}
+        assert got == {pid for pid, cpus in cpu_of.items() if cpus == [cpu]}
+    st = json.loads(cli("stats", "--json").stdout)[0]
+    assert st["counters"]["local"] == 40 and st["locality"] == 1.0
+    cli("detach", "-p", port)
+    with pinned(0):
+        assert {worker_pid(port) for _ in range(40)} == set(cpu_of)  # kernel balance again
+
+
+def test_no_failed_request_while_attach_and_detach_run_under_wrk(env, nginx):  # noqa: F811
+    need(WRK is not None, "wrk is not installed")
+    port, _ = nginx
+    # Connection: close makes every request a new connection, so each one is steered
+    wrk = subprocess.Popen(
+        [WRK, "-t2", "-c16", "-d6s", "-H", "Connection: close", f"http://127.0.0.1:{port}/"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    cycles = 0
+    errors = []
+
+    def flip():
+        nonlocal cycles
+        time.sleep(0.5)
+        while wrk.poll() is None and cycles < 10:
+            for args in (("attach", "-p", port, "-d", "cpu"), ("detach", "-p", port)):
+                r = cli(*args, ok=False)
+                if r.exit_code:
+                    errors.append(r.stderr)
+            cycles += 1
+
+    t = threading.Thread(target=flip)
+    t.start()
+    out, _ = wrk.communicate(timeout=60)
+    t.join()
+    assert not errors, errors
+    assert cycles >= 2, out
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    assert requests > 100, out
+    assert "Socket errors" not in out, out
+    assert "Non-2xx" not in out, out
