@@ -13,7 +13,6 @@
  *                   is the wildcard
  *   CAPACITY        slots per region; slot = region * CAPACITY + index
  *   PROBE_MAX       how many slots a region is probed past empty ones
- *   NR_CPUS_MAP     entries of the cpu -> domain map
  *   C_*             counter indexes
  *   *_FD            map fds, turned into map pointers by the loader
  */
@@ -31,21 +30,21 @@ static __always_inline void count(u32 idx, u64 n)
 }
 
 /*
- * Select a live socket of @region for @hash.  Returns the number of empty
- * slots it skipped, or -1 when the region has no live socket within the
- * probe bound.  Slots are kept compact by the controller, so the first
- * probe hits except right after a socket closed.
+ * Select a live socket of @region for @hash; add the empty slots probed past
+ * to *@skipped.  Returns 1 when a socket was selected, 0 when the region has
+ * none alive within the probe bound.  The controller keeps slots compact, so
+ * the first probe hits except between a socket's close and the next sweep.
  */
-static __always_inline int pick(struct sk_reuseport_md *ctx, u32 region, u32 hash)
+static __always_inline int pick(struct sk_reuseport_md *ctx, u32 region, u32 hash, u64 *skipped)
 {
 	u32 *cnt = bpf_map_lookup_elem(MAP(REGION_COUNT_FD), &region);
 	u32 n, idx, key, i;
 
 	if (!cnt)
-		return -1;
+		return 0;
 	n = *cnt;
 	if (n == 0)
-		return -1;
+		return 0;
 	if (n > CAPACITY)
 		n = CAPACITY;
 	/* the kernel's reciprocal_scale(): a flow keeps its slot while n is unchanged */
@@ -57,10 +56,11 @@ static __always_inline int pick(struct sk_reuseport_md *ctx, u32 region, u32 has
 		key = region * CAPACITY + idx;
 		/* 0 on success; -ENOENT for an empty slot (its socket closed) */
 		if (bpf_sk_select_reuseport(ctx, MAP(SOCKARRAY_FD), &key, 0) == 0)
-			return i;
+			return 1;
+		(*skipped)++;
 		idx = idx + 1 == n ? 0 : idx + 1;
 	}
-	return -1;
+	return 0;
 }
 
 int numareuse_select(struct sk_reuseport_md *ctx)
@@ -69,25 +69,17 @@ int numareuse_select(struct sk_reuseport_md *ctx)
 	u32 *dom = bpf_map_lookup_elem(MAP(CPU_DOMAIN_FD), &cpu);
 	u32 region = dom ? *dom : WILDCARD_REGION;
 	u32 hash = ctx->hash;
-	int skipped;
+	u64 skipped = 0;
+	u32 outcome;
 
-	if (region < NR_DOMAINS) {
-		skipped = pick(ctx, region, hash);
-		if (skipped >= 0) {
-			count(C_LOCAL, 1);
-			if (skipped)
-				count(C_EMPTY_SKIPPED, skipped);
-			return SK_PASS;
-		}
-	}
-	skipped = pick(ctx, WILDCARD_REGION, hash);
-	if (skipped >= 0) {
-		count(C_WILDCARD, 1);
-		if (skipped)
-			count(C_EMPTY_SKIPPED, skipped);
-		return SK_PASS;
-	}
-	/* SK_PASS without a selection: the kernel hashes over the whole group */
-	count(C_FALLBACK, 1);
-	return SK_PASS;
+	if (region < NR_DOMAINS && pick(ctx, region, hash, &skipped))
+		outcome = C_LOCAL;
+	else if (pick(ctx, WILDCARD_REGION, hash, &skipped))
+		outcome = C_WILDCARD;
+	else
+		outcome = C_FALLBACK; /* SK_PASS, no selection: the kernel hashes over the whole group */
+	count(outcome, 1);
+	if (skipped)
+		count(C_EMPTY_SKIPPED, skipped);
+	return SK_PASS; /* never SK_DROP: that would refuse the connection */
 }

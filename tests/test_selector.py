@@ -134,6 +134,9 @@ def test_whole_domain_closed_falls_back(sel, group):
     socks[2].close()
     assert connect_from(1, socket.AF_INET, port, N) == N
     assert drain([socks[0]]) == [N]
+    st = sel.stats()
+    # every connection probed both empty slots of domain 1, then took the wildcard
+    assert (st["local"], st["wildcard"], st["empty_skipped"]) == (0, N, 2 * N)
 
 
 def test_register_current_uses_affinity(sel, group):
