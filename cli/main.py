@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 
@@ -20,8 +21,17 @@ from numareuse.errors import from_oserror
 
 class _Group(click.Group):
     def invoke(self, ctx):
+        if ctx.protected_args and ctx.protected_args[0] in ("status", "stats", "topology"):
+            # readers die quietly on a closed pipe (| head), as ls or ss do; writers
+            # must finish or roll back, so they keep Python's BrokenPipeError
+            signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         try:
             return super().invoke(ctx)
+        except BrokenPipeError:
+            # the reader went away (| head): nothing left to say; a writer's change
+            # either completed before its output or was rolled back by control
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            ctx.exit(141)
         except (NumaReuseError, OSError) as e:
             if isinstance(e, OSError):
                 e = from_oserror(e, "system call")

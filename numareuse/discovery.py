@@ -98,14 +98,16 @@ def bound_sockets(proto: str, ipv6: bool, port: int) -> dict[int, str]:
     """inode -> bound address of this netns's listening TCP / unconnected UDP sockets on ``port``."""
     path = f"/proc/net/{proto}{'6' if ipv6 else ''}"
     want = "0A" if proto == "tcp" else "07"  # TCP_LISTEN; UDP TCP_CLOSE = not connected
+    local_port = f":{port:04X} "  # cheap pre-filter: a busy host has 100k+ lines (TIME_WAIT)
     out = {}
     with open(path) as f:
         next(f)
         for line in f:
+            if local_port not in line:
+                continue
             fields = line.split()
-            addr, lport = _hex_addr(fields[1])
-            if lport == port and fields[3] == want:
-                out[int(fields[9])] = addr
+            if fields[1].endswith(local_port.strip()) and fields[3] == want:
+                out[int(fields[9])] = _hex_addr(fields[1])[0]
     return out
 
 

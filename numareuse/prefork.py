@@ -214,11 +214,11 @@ def _parse_request(buf: bytes):
 
 
 class _Conn:
-    __slots__ = ("sock", "inbuf", "outbuf", "closing", "last")
+    __slots__ = ("sock", "inbuf", "outbuf", "closing", "last", "served")
 
     def __init__(self, sock: socket.socket):
         self.sock, self.inbuf, self.outbuf, self.closing = sock, b"", b"", False
-        self.last = time.monotonic()
+        self.last, self.served = time.monotonic(), 0
 
 
 class _Worker:
@@ -360,7 +360,7 @@ class _Worker:
                 c.inbuf = c.inbuf[used:]
                 keep = keep and deadline is None
                 c.outbuf += self._response("200 OK", method, keep)
-                c.closing = not keep
+                c.closing, c.served = not keep, c.served + 1
             flush(c)
 
         while True:
@@ -374,8 +374,8 @@ class _Worker:
                         poll.unregister(self.sock)
                         deadline = time.monotonic() + DRAIN_SECONDS
                         for c in list(conns.values()):
-                            if not c.inbuf and not c.outbuf:
-                                close(c)  # idle keep-alive connection
+                            if c.served and not c.inbuf and not c.outbuf:
+                                close(c)  # idle keep-alive; a new connection still gets its answer
                 elif key.data == "listen":
                     for _ in range(128):
                         try:
