@@ -21,10 +21,6 @@ from numareuse.errors import from_oserror
 
 class _Group(click.Group):
     def invoke(self, ctx):
-        if ctx.protected_args and ctx.protected_args[0] in ("status", "stats", "topology"):
-            # readers die quietly on a closed pipe (| head), as ls or ss do; writers
-            # must finish or roll back, so they keep Python's BrokenPipeError
-            signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         try:
             return super().invoke(ctx)
         except BrokenPipeError:
@@ -41,6 +37,20 @@ class _Group(click.Group):
             cause = " ".join(str(e).split("\n")[0].split()) if not hasattr(e, "verifier") else str(e)
             click.echo(f"Error: {cmd}: {cause}", err=True)
             ctx.exit(1)
+
+
+def _reader() -> None:
+    """Readers die quietly on a closed pipe (| head), as ls or ss do.
+
+    Writers (attach, detach) must finish or roll back, so they keep Python's
+    BrokenPipeError instead.
+    """
+    try:
+        real_stdout = sys.stdout.fileno() == 1  # not when embedded (click's CliRunner)
+    except (AttributeError, ValueError, OSError):
+        real_stdout = False
+    if real_stdout:
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
 
 
 def _emit(data, as_json: bool, human) -> None:
@@ -176,6 +186,7 @@ Examples:
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON (stable field names).")
 def status(as_json):
     """Show every attached group and its sockets (sk:<cookie>, owner pid, domain)."""
+    _reader()
 
     def human(groups):
         if not groups:
@@ -211,6 +222,7 @@ def stats(as_json, prometheus, watch, count):
     had none), fallback (no registered socket: the kernel's hash),
     empty_skipped (slots of closed sockets probed past).
     """
+    _reader()
     if as_json and prometheus:
         raise click.UsageError("choose one of --json and --prometheus")
     if not watch:
@@ -301,6 +313,7 @@ def topology_cmd(as_json):
     Warns when one RX queue's IRQ affinity (or RPS CPUs) spans nodes: that
     queue's packets are processed on several nodes, which defeats steering.
     """
+    _reader()
 
     def human(r):
         click.echo("NUMA nodes:")
