@@ -83,8 +83,10 @@ def from_oserror(e: OSError, what: str) -> NumaReuseError:
         return PermissionDenied(f"{cause} (needs root: CAP_BPF, CAP_NET_ADMIN and CAP_SYS_PTRACE)", errno=e.errno)
     if e.errno == _errno.ESRCH:
         return ProcessGone(cause)
-    if e.errno in (_errno.ENOSYS, _errno.EOPNOTSUPP):
-        return NotSupported(cause, errno=e.errno)
+    if e.errno in (_errno.ENOSYS, _errno.EOPNOTSUPP, _errno.ENOPROTOOPT):
+        # ENOPROTOOPT: a socket option this kernel does not know (SO_ATTACH_REUSEPORT_EBPF
+        # is 4.6+, SO_COOKIE 4.x, SO_DETACH_REUSEPORT_BPF newer): name it in ``what``
+        return NotSupported(f"{cause} (the kernel does not know this socket option)", errno=e.errno)
     return NumaReuseError(cause, errno=e.errno)
 
 
