@@ -41,3 +41,15 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) .build
+
+# The tests/vm suite inside a qemu guest with 2 NUMA nodes (node 0: CPUs 0-1,
+# node 1: CPUs 2-3) booting Debian's kernel on this machine's own root.
+# vm/run.sh exits with the guest's pytest status (make shows it as "Error N").
+# VM_* settings: see vm/run.sh.
+vm-test: setup
+	@missing=$$(for p in $(VM_PKGS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "vm-test: installing Debian packages:" $$missing; \
+	  apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; \
+	fi
+	vm/run.sh $(VENV)/bin/pytest tests/vm $(PYTEST_ARGS)
