@@ -11,6 +11,7 @@ import ctypes.util
 import os
 import socket
 import struct
+import threading
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -134,8 +135,39 @@ def map_update_u64key(fd: int, key: int, value: bytes, flags: int = BPF_ANY) -> 
     _elem(BPF_MAP_UPDATE_ELEM, fd, struct.pack("=Q", key), vbuf, flags)
 
 
+class _LookupScratch(threading.local):
+    """Per-thread key/value buffers and attr for map_lookup, the controller's hot call.
+
+    A register or sweep looks up one or two elements per slot of a region;
+    allocating ctypes buffers and the attr for each costed more than the
+    syscall itself.
+    """
+
+    SIZE = 64
+
+    def __init__(self):
+        self.key = ctypes.create_string_buffer(self.SIZE)
+        self.value = ctypes.create_string_buffer(self.SIZE)
+        self.attr = _MapElem(0, 0, ctypes.addressof(self.key), ctypes.addressof(self.value), 0)
+        self.ref = ctypes.byref(self.attr)
+
+
+_lookup_scratch = _LookupScratch()
+_MAP_ELEM_SIZE = ctypes.sizeof(_MapElem)
+
+
 def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
     """The value, or None when the key has no element (ENOENT)."""
+    s = _lookup_scratch
+    if len(key) <= s.SIZE and value_size <= s.SIZE:
+        s.key.raw = key
+        s.attr.map_fd = fd
+        if _libc.syscall(_NR_BPF, BPF_MAP_LOOKUP_ELEM, s.ref, _MAP_ELEM_SIZE) < 0:
+            err = ctypes.get_errno()
+            if err == 2:
+                return None
+            raise OSError(err, os.strerror(err))
+        return ctypes.string_at(s.value, value_size)
     vbuf = ctypes.create_string_buffer(value_size)
     try:
         _elem(BPF_MAP_LOOKUP_ELEM, fd, key, vbuf)

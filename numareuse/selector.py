@@ -481,12 +481,11 @@ class Selector:
         _sys.map_update(self._fds["slot_cookie"], slot, _U64.pack(0))
 
     def _insert(self, region: int, fd: int, cookie: int) -> None:
-        self._compact(region)
+        _freed, holes = self._sweep(region)
         base, n = region * self.capacity, self._count(region)
-        for i in range(n):  # a hole left by a socket we could not move
-            if self._slot_cookie(base + i) == 0:
-                self._put(base + i, fd, cookie)
-                return
+        if holes:  # a hole left by a socket we could not move
+            self._put(base + holes[0], fd, cookie)
+            return
         if n >= self.capacity:
             name = "the wildcard" if region == self.ndomains else f"domain {region}"
             raise CapacityError(f"{name} already holds {self.capacity} sockets (capacity)")
@@ -494,10 +493,18 @@ class Selector:
         self._set_count(region, n + 1)  # publish last: the program never sees a slot before its socket
 
     def _compact(self, region: int) -> int:
-        """Free slots of closed sockets and fill holes from the region's tail.
+        """Free slots of closed sockets and fill holes from the region's tail; returns slots freed.
 
         A socket can be moved only by a process that holds an fd of it, so a
         hole may stay; the program probes past it and a later insert fills it.
+        """
+        return self._sweep(region)[0]
+
+    def _sweep(self, region: int) -> tuple[int, list[int]]:
+        """:meth:`_compact`, also returning the indexes of the holes that stay (ascending).
+
+        One pass over the region: a register costs a map lookup or two per
+        slot, so an insert must not scan the region a second time.
         """
         base, n = region * self.capacity, self._count(region)
         holes, freed = [], 0
@@ -529,7 +536,7 @@ class Selector:
             new_n -= 1
         if new_n != n:
             self._set_count(region, new_n)
-        return freed
+        return freed, holes
 
     # -- reading ----------------------------------------------------------
 
