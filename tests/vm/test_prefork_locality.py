@@ -19,8 +19,6 @@ from collections import Counter
 import pytest
 from conftest import pinned
 
-pytest.importorskip("numareuse.prefork", reason="numareuse.prefork (the bundled pre-fork server) is not there")
-
 N = 24  # requests per CPU, each on a new connection: a new steering decision
 
 
