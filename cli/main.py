@@ -14,7 +14,7 @@ import time
 
 import click
 
-from numareuse import NumaReuseError, control, topology
+from numareuse import NumaReuseError, VerifierError, control, topology
 from numareuse._layout import DEFAULT_CAPACITY, MAX_CAPACITY
 from numareuse.errors import from_oserror
 
@@ -34,8 +34,11 @@ class _Group(click.Group):
             if os.environ.get("NUMAREUSE_DEBUG"):
                 raise
             cmd = ctx.invoked_subcommand or ctx.info_name
-            cause = " ".join(str(e).split("\n")[0].split()) if not hasattr(e, "verifier") else str(e)
-            click.echo(f"Error: {cmd}: {cause}", err=True)
+            first, *rest = str(e).split("\n")
+            click.echo(f"Error: {cmd}: {' '.join(first.split())}", err=True)
+            if isinstance(e, VerifierError):  # the verifier log's last lines say why
+                for line in rest:
+                    click.echo(f"  {line}", err=True)
             ctx.exit(1)
 
 
@@ -109,9 +112,8 @@ Examples:
 @click.option(
     "--capacity",
     type=click.IntRange(1, MAX_CAPACITY),
-    default=DEFAULT_CAPACITY,
-    show_default=True,
-    help="Sockets per domain.",
+    default=None,
+    help=f"Sockets per domain [default: {DEFAULT_CAPACITY}, or the attached group's].",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option(

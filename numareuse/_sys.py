@@ -330,3 +330,16 @@ def parse_cpulist(text: str) -> list[int]:
         else:
             cpus.add(int(part))
     return sorted(cpus)
+
+
+_NR_RENAMEAT2 = {"x86_64": 316, "aarch64": 276}[os.uname().machine]
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def rename_exchange(a: str, b: str) -> None:
+    """Swap two paths atomically (renameat2 RENAME_EXCHANGE, 3.15+; bpffs supports it)."""
+    ret = _libc.syscall(_NR_RENAMEAT2, _AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), a)

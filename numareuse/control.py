@@ -1,20 +1,23 @@
 """What the CLI does, as a library: attach, detach, status, stats on running servers.
 
-Each function either completes or leaves the system as it found it: state is
-published only after the program steers correctly, and a failure after the
-program was attached re-attaches what was there before (or detaches).
+attach either completes or leaves the system as it found it: a new selector is
+pinned under a staging name before its program is attached and renamed into
+place after, a failure re-attaches what was there before (or detaches), and a
+crash in between leaves pins that the next attach or detach finishes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import time
 
 from . import _sys, discovery, topology
 from ._layout import COUNTERS, DEFAULT_CAPACITY
-from .errors import NumaReuseError, StateError
+from .errors import NotInGroupError, NumaReuseError, ProcessGone, StateError, from_oserror
 from .selector import WILDCARD, Selector
-from .state import Group, Store, require_root
+from .state import Group, Store, parse_name, require_root
 
 
 def _domain_name(d: int) -> str | int:
@@ -27,10 +30,13 @@ def attach(
     udp: bool = False,
     ipv6: bool = False,
     domains: str = "numa",
-    capacity: int = DEFAULT_CAPACITY,
+    capacity: int | None = None,
     progress=lambda msg: None,
 ) -> dict:
-    """Attach (or update) NUMA-local steering for the group on ``port``; returns a report."""
+    """Attach (or update) NUMA-local steering for the group on ``port``; returns a report.
+
+    ``capacity`` None keeps an attached group's capacity (256 for a new one).
+    """
     require_root()
     topo = topology.parse(domains)  # a bad spec fails here, before anything is touched
     t0 = time.monotonic()
@@ -41,10 +47,12 @@ def attach(
         try:
             discovery.assign_domains(socks, topo)
             progress(f"found {len(socks)} sockets of {group}")
+            for note in store.recover(group):
+                progress(note)
             if store.exists(group):
                 report = _update(store, group, socks, topo, capacity, progress)
             else:
-                report = _fresh(store, group, socks, topo, capacity, progress)
+                report = _fresh(store, group, socks, topo, capacity or DEFAULT_CAPACITY, progress)
         finally:
             discovery.close_all(socks)
     report["seconds"] = round(time.monotonic() - t0, 3)
@@ -63,27 +71,25 @@ def _info(group: Group, topo: topology.Topology, socks) -> dict:
 def _fresh(store: Store, group, socks, topo, capacity, progress, replacing: Selector | None = None) -> dict:
     progress(f"loading the selector ({topo.ndomains} domains, capacity {capacity})")
     sel = Selector(topo, capacity=capacity)
+    before: dict[int, int] = {}
+    staged = None
     try:
         sel.use_group(socks[0].fd)
-        if replacing is not None:
-            # a socket fits in one sockarray only: empty the old one first; its program
-            # then leaves every choice to the kernel's hash until the swap below
-            replacing.clear()
         try:
+            staged = store.stage(group, sel)  # pinned before attached: a crash leaves it findable
+            if replacing is not None:
+                # a socket fits in one sockarray only: empty the old one first; its program
+                # then leaves every choice to the kernel's hash until the swap below
+                before = {r["cookie"]: r["domain"] for r in replacing.registrations() if r["live"]}
+                replacing.clear()
             for s in socks:  # fill every region before the program sees a packet
                 sel.register(s.fd, s.domain)
             sel.attach(socks[0].fd)  # atomically replaces the old program, if any
-            store.publish(group, sel, _info(group, topo, socks))
+            store.commit(staged, group, _info(group, topo, socks))
         except BaseException:
-            if replacing is not None:  # put the previous program and its sockets back
-                sel.clear()
-                _sys.attach_reuseport_prog(socks[0].fd, replacing.prog_fd)
-                sel._attached = False  # what is attached now is not ours to detach on close
-                for s in socks:
-                    replacing.use_group(s.fd)
-                    replacing.register(s.fd, s.domain)
-            elif sel.attached:
-                sel.detach(socks[0].fd)
+            _undo(sel, socks, replacing, before)
+            if staged and os.path.isdir(staged):
+                shutil.rmtree(staged, ignore_errors=True)
             raise
         progress(f"attached program id {sel.program_info()['id']}")
         return {
@@ -97,11 +103,29 @@ def _fresh(store: Store, group, socks, topo, capacity, progress, replacing: Sele
         sel.close()
 
 
+def _undo(sel: Selector, socks, replacing: Selector | None, before: dict[int, int]) -> None:
+    """Put back what _fresh changed: the old program with its own registrations, or none."""
+    if replacing is None:
+        if sel.attached:
+            sel.detach(socks[0].fd)
+        return
+    sel.clear()
+    _sys.attach_reuseport_prog(socks[0].fd, replacing.prog_fd)
+    sel._attached = False  # what is attached now is not ours to detach on close
+    for s in socks:
+        replacing.use_group(s.fd)
+    for s in socks:
+        if s.cookie in before:  # the old selector's own domains, not the new topology's
+            with contextlib.suppress(NumaReuseError):
+                replacing.register(s.fd, before[s.cookie])
+
+
 def _update(store: Store, group, socks, topo, capacity, progress) -> dict:
     old = store.open(group.name)
     try:
-        if old.topology.domains != topo.domains or old.capacity != capacity:
+        if old.topology.domains != topo.domains or capacity not in (None, old.capacity):
             progress("domains or capacity changed: building a new selector and swapping it in")
+            capacity = capacity or old.capacity
             report = _fresh(store, group, socks, topo, capacity, progress, replacing=old)
             report["action"] = "replaced"
             return report
@@ -146,9 +170,10 @@ def group_of(store: Store, name: str) -> Group:
     info = store.info(name).get("group")
     if info:
         return Group(**info)
-    head, *addr, port = name.split("_")  # tcp4_127_0_0_1_8080
-    fam = int(head[-1])
-    return Group(head[:-1], fam, ("." if fam == 4 else ":").join(addr), int(port))
+    group = parse_name(name)
+    if group is None:  # groups() lists only names that parse
+        raise StateError(f"unrecognised state directory {name}")
+    return group
 
 
 def detach(port: int, address: str | None = None, udp: bool = False, ipv6: bool = False) -> dict:
@@ -156,6 +181,7 @@ def detach(port: int, address: str | None = None, udp: bool = False, ipv6: bool 
     require_root()
     store = Store()
     with store.locked():
+        store.recover_all()  # an interrupted attach may have left only a staging directory
         names = _match(store, port, address, udp, ipv6)
         if not names:
             return {"action": "none", "note": f"nothing attached by numareuse on port {port}"}
@@ -166,16 +192,22 @@ def detach(port: int, address: str | None = None, udp: bool = False, ipv6: bool 
         group = group_of(store, name)
         try:
             _, socks = discovery.find_sockets(port, group.address, udp, ipv6)
-        except NumaReuseError:
+        except (NotInGroupError, ProcessGone):
             socks = []  # the server is gone: so is the group and its program
+        # any other error (no permission to take a socket) keeps the state: the
+        # program is still attached and a later detach must find it
         try:
             detached = bool(socks) and _sys.detach_reuseport_prog(socks[0].fd)
         except OSError as e:
-            from .errors import from_oserror
-
             raise from_oserror(e, "detaching the program (SO_DETACH_REUSEPORT_BPF)") from e
         finally:
             discovery.close_all(socks)
+        with contextlib.suppress(StateError):
+            sel = store.open(name)
+            try:
+                sel.clear()  # release the sockets now: the maps are freed some ms later (EBUSY till then)
+            finally:
+                sel.close()
         store.remove(name)
         return {"action": "detached", "group": group.as_dict(), "program_was_attached": detached}
 

@@ -143,6 +143,11 @@ def find_sockets(port: int, address: str | None = None, udp: bool = False, ipv6:
     what = f"{proto.upper()}/IPv{6 if ipv6 else 4}"
     found = bound_sockets(proto, ipv6, port)
     if address is not None:
+        fam = socket.AF_INET6 if ipv6 else socket.AF_INET
+        try:
+            address = socket.inet_ntop(fam, socket.inet_pton(fam, address))  # '0:0::1' == '::1'
+        except OSError:
+            raise NumaReuseError(f"--address {address!r} is not an IPv{6 if ipv6 else 4} address") from None
         found = {i: a for i, a in found.items() if a == address}
     if not found:
         where = f"{address}:{port}" if address else f"port {port}"

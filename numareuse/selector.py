@@ -22,12 +22,14 @@ slot below count either live or a hole the program probes past.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import socket
 import struct
 import tempfile
 import threading
+import weakref
 from importlib import resources
 
 from . import _layout, _sys, topology
@@ -83,6 +85,11 @@ class _Lock:
     def __init__(self, fd: int, posix: bool):
         self.fd, self._posix = fd, posix
         self._threads = threading.Lock()
+        _LOCKS.add(self)
+
+    def _after_fork(self) -> None:
+        # a thread of the parent may have held it at fork(): the child has no such thread
+        self._threads = threading.Lock()
 
     @contextlib.contextmanager
     def __call__(self, shared: bool = False):
@@ -95,6 +102,10 @@ class _Lock:
                 yield
             finally:
                 (fcntl.lockf if self._posix else fcntl.flock)(self.fd, fcntl.LOCK_UN)
+
+
+_LOCKS: weakref.WeakSet[_Lock] = weakref.WeakSet()
+os.register_at_fork(after_in_child=lambda: [lock._after_fork() for lock in list(_LOCKS)])
 
 
 @contextlib.contextmanager
@@ -122,16 +133,17 @@ def load_program(defines: dict[str, int], attach_type: int = _sys.BPF_SK_REUSEPO
         raise NotSupported("bcc Python bindings: install Debian's python3-bpfcc (make setup does)") from e
     src = resources.files("numareuse.bpf").joinpath("selector.bpf.c").read_text()
     cflags = [f"-D{k}={v}" for k, v in defines.items()]
+    b, fd, err = None, -1, None
     with _stderr_captured() as log:
         try:
             b = BPF(text=src.encode(), cflags=cflags)
             fn = b.load_func(_layout.PROG_NAME.encode(), _sys.BPF_PROG_TYPE_SK_REUSEPORT, attach_type=attach_type)
             fd = os.dup(fn.fd)
-            b.cleanup()
         except Exception as e:  # bcc raises bare Exception for compile and load errors
             err = e
-        else:
-            err = None
+        finally:
+            if b is not None:
+                b.cleanup()  # closes bcc's own fds; ours is the dup
     if err is not None:
         lines = [ln for ln in log["text"].splitlines() if ln.strip()]
         tail = "\n".join(lines[-8:])
@@ -229,7 +241,7 @@ class Selector:
             version=_layout.LAYOUT_VERSION,
             ndomains=nd,
             capacity=self.capacity,
-            probe_max=_layout.PROBE_MAX,
+            probe_max=min(_layout.PROBE_MAX, self.capacity),
             attach_type=_sys.BPF_SK_REUSEPORT_SELECT,
             ncpus=self.ncpus,
         )
@@ -403,10 +415,11 @@ class Selector:
         try:
             with self._lock():
                 cur = self._slot_of(cookie)
-                if cur is not None and cur // self.capacity == region and self._slot_live(cur):
+                if cur is not None and cur // self.capacity == region and self._slot_live(cur, cookie):
                     self._sock_fds[cookie] = fd
                     return resolved
                 if cur is not None:
+                    self._need_room(region)  # a failed move must leave the socket where it was
                     self._vacate(cur, cookie)
                     self._compact(cur // self.capacity)
                 self._sock_fds[cookie] = fd
@@ -444,12 +457,13 @@ class Selector:
         """
         with self._lock():
             for region in range(self.ndomains + 1):
-                n = self._count(region)
                 self._set_count(region, 0)
-                base = region * self.capacity
-                for i in range(n):
-                    cookie = self._slot_cookie(base + i)
-                    self._vacate(base + i, cookie)
+            for slot in range((self.ndomains + 1) * self.capacity):
+                # every slot, not only those below the counts: an interrupted
+                # operation may have left a socket above a count
+                cookie = self._slot_cookie(slot)
+                if cookie or self._slot_live(slot):
+                    self._vacate(slot, cookie)
 
     # Slot primitives; the lock is held by the caller.
 
@@ -466,8 +480,10 @@ class Selector:
     def _slot_cookie(self, slot: int) -> int:
         return _U64.unpack(_sys.map_lookup(self._fds["slot_cookie"], _U32.pack(slot), 8))[0]
 
-    def _slot_live(self, slot: int) -> bool:
-        return _sys.map_lookup(self._fds["sockarray"], _U32.pack(slot), 8) is not None
+    def _slot_live(self, slot: int, cookie: int | None = None) -> bool:
+        """The slot holds a socket (``cookie``'s, when given: a sockarray lookup returns the cookie)."""
+        v = _sys.map_lookup(self._fds["sockarray"], _U32.pack(slot), 8)
+        return v is not None and (cookie is None or _U64.unpack(v)[0] == cookie)
 
     def _put(self, slot: int, fd: int, cookie: int) -> None:
         # socket first, bookkeeping after: the program only reads the sockarray
@@ -480,17 +496,30 @@ class Selector:
         _sys.map_delete(self._fds["slot_of"], _U64.pack(cookie))
         _sys.map_update(self._fds["slot_cookie"], slot, _U64.pack(0))
 
-    def _insert(self, region: int, fd: int, cookie: int) -> None:
+    def _need_room(self, region: int) -> list[int]:
+        """Sweep ``region``; CapacityError unless it can take one more socket. Returns its holes."""
         _freed, holes = self._sweep(region)
-        base, n = region * self.capacity, self._count(region)
-        if holes:  # a hole left by a socket we could not move
-            self._put(base + holes[0], fd, cookie)
-            return
-        if n >= self.capacity:
+        if not holes and self._count(region) >= self.capacity:
             name = "the wildcard" if region == self.ndomains else f"domain {region}"
             raise CapacityError(f"{name} already holds {self.capacity} sockets (capacity)")
-        self._put(base + n, fd, cookie)
-        self._set_count(region, n + 1)  # publish last: the program never sees a slot before its socket
+        return holes
+
+    def _insert(self, region: int, fd: int, cookie: int) -> None:
+        holes = self._need_room(region)
+        base, n = region * self.capacity, self._count(region)
+        slot = base + (holes[0] if holes else n)  # a hole left by a socket we could not move, else append
+        try:
+            self._put(slot, fd, cookie)
+        except OSError as e:
+            if e.errno == errno.EBUSY:
+                raise NumaReuseError(
+                    "the socket is already in another selector's sockarray (the kernel allows one): "
+                    "detach that one first (numareuse detach, or close the other Selector)",
+                    errno=errno.EBUSY,
+                ) from None
+            raise
+        if not holes:
+            self._set_count(region, n + 1)  # publish last: the program never sees a slot before its socket
 
     def _compact(self, region: int) -> int:
         """Free slots of closed sockets and fill holes from the region's tail; returns slots freed.
@@ -511,7 +540,7 @@ class Selector:
         for i in range(n):
             slot = base + i
             cookie = self._slot_cookie(slot)
-            if cookie and not self._slot_live(slot):  # closed: the kernel emptied the slot
+            if cookie and not self._slot_live(slot, cookie):  # closed: the kernel emptied the slot
                 _sys.map_delete(self._fds["slot_of"], _U64.pack(cookie))
                 _sys.map_update(self._fds["slot_cookie"], slot, _U64.pack(0))
                 self._sock_fds.pop(cookie, None)
@@ -578,9 +607,13 @@ class Selector:
         pinned selector stays attached (detach explicitly).
         """
         try:
-            if self._detach_on_close and os.getpid() == self._owner and self._attached:
+            if self._detach_on_close and os.getpid() == self._owner and self._fds:
                 with contextlib.suppress(NumaReuseError):
-                    self.detach()
+                    # empty the sockarray now: the kernel frees the map some ms later,
+                    # and until then its sockets cannot join another selector (EBUSY)
+                    self.clear()
+                    if self._attached:
+                        self.detach()
         finally:
             self._group, self._attached = None, False
             self._release()

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import json
 import os
 import shutil
+import socket
 import struct
 import subprocess
 import tempfile
@@ -94,7 +96,6 @@ class Store:
         root = ensure_bpffs() if create else bpffs_root()
         self.dir = os.path.join(root, "numareuse", netns_id())
         self.rundir = os.path.join(run_root(), netns_id())
-        self._lock_fd = -1
         if create:
             try:
                 os.makedirs(self.dir, exist_ok=True)
@@ -114,9 +115,10 @@ class Store:
             os.close(fd)
 
     def groups(self) -> list[str]:
+        """Names of the published groups (not staging directories)."""
         if not os.path.isdir(self.dir):
             return []
-        return sorted(n for n in os.listdir(self.dir) if not n.startswith("tmp_"))
+        return sorted(n for n in os.listdir(self.dir) if not n.startswith("tmp_") and parse_name(n))
 
     def exists(self, group: Group) -> bool:
         return os.path.isdir(os.path.join(self.dir, group.name))
@@ -131,9 +133,9 @@ class Store:
         except (OSError, ValueError):
             return {}
 
-    def open(self, name: str) -> Selector:
-        """The pinned selector of group ``name`` (a directory name)."""
-        gdir = os.path.join(self.dir, name)
+    def open(self, name: str, directory: str | None = None) -> Selector:
+        """The pinned selector of group ``name`` (or of a staging ``directory``)."""
+        gdir = directory or os.path.join(self.dir, name)
         fds: dict[str, int] = {}
         try:
             for key in (*_layout.MAPS, "prog"):
@@ -146,32 +148,75 @@ class Store:
             meta = read_meta(fds["meta"])
             check_state_version(meta)
             topo = topology_from_map(fds["cpu_domain"], meta, self.info(name).get("spec", "pinned"))
-            prog = fds.pop("prog")
-            return Selector.adopt(topo, meta["capacity"], fds, prog)
+            sel = Selector.adopt(topo, meta["capacity"], {k: v for k, v in fds.items() if k != "prog"}, fds["prog"])
         except BaseException:
             for fd in fds.values():
                 os.close(fd)
             raise
+        return sel
 
     # -- writing ----------------------------------------------------------
+    #
+    # A new selector is pinned under tmp_<group>_* BEFORE its program is
+    # attached, then renamed (or atomically exchanged) into place: a crash at
+    # any point leaves pins that name their group, which recover() finishes.
 
-    def publish(self, group: Group, sel: Selector, info: dict) -> None:
-        """Pin ``sel`` as ``group`` atomically (replacing an older pin) and write its info."""
-        tmp = tempfile.mkdtemp(prefix="tmp_", dir=self.dir)
+    def stage(self, group: Group, sel: Selector) -> str:
+        tmp = tempfile.mkdtemp(prefix=f"tmp_{group.name}_", dir=self.dir)
         try:
             sel.pin(tmp)
-            final = os.path.join(self.dir, group.name)
-            if os.path.isdir(final):
-                old = final + "_old"
-                os.rename(final, old)
-                os.rename(tmp, final)
-                shutil.rmtree(old)
-            else:
-                os.rename(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        return tmp
+
+    def commit(self, staged: str, group: Group, info: dict) -> None:
+        final = os.path.join(self.dir, group.name)
+        if os.path.isdir(final):
+            _sys.rename_exchange(staged, final)  # readers see the old or the new, never neither
+            shutil.rmtree(staged)  # now the old pins
+        else:
+            os.rename(staged, final)
         self.write_info(group, info)
+
+    def recover(self, group: Group) -> list[str]:
+        """Finish what a crashed attach left for ``group``; returns what was done.
+
+        A complete staging directory is the newest state (its program may be
+        attached already): it replaces the published one, whose sockarray is
+        emptied first so that its sockets can be registered again.
+        """
+        done = []
+        for tmp in sorted(glob.glob(os.path.join(self.dir, f"tmp_{group.name}_*"))):
+            try:
+                self.open(group.name, tmp).close()
+            except StateError:
+                shutil.rmtree(tmp, ignore_errors=True)  # crashed while pinning: nothing attached it
+                done.append(f"removed incomplete {os.path.basename(tmp)}")
+                continue
+            final = os.path.join(self.dir, group.name)
+            if os.path.isdir(final):
+                with contextlib.suppress(StateError):
+                    old = self.open(group.name)
+                    try:
+                        old.clear()
+                    finally:
+                        old.close()
+                _sys.rename_exchange(tmp, final)
+                shutil.rmtree(tmp)
+            else:
+                os.rename(tmp, final)
+            done.append(f"recovered {os.path.basename(tmp)} left by an interrupted attach")
+        return done
+
+    def recover_all(self) -> list[str]:
+        """recover() every group that has a staging directory."""
+        names = (
+            {n[4:].rsplit("_", 1)[0] for n in os.listdir(self.dir) if n.startswith("tmp_")}
+            if os.path.isdir(self.dir)
+            else set()
+        )
+        return [note for n in sorted(names) if (g := parse_name(n)) for note in self.recover(g)]
 
     def write_info(self, group: Group, info: dict) -> None:
         os.makedirs(self.rundir, exist_ok=True)
@@ -182,14 +227,28 @@ class Store:
         os.rename(tmp, path)
 
     def remove(self, name: str) -> None:
+        # the netns directory stays: it is the lock others may be waiting on
         shutil.rmtree(os.path.join(self.dir, name), ignore_errors=True)
+        for tmp in glob.glob(os.path.join(self.dir, f"tmp_{name}_*")):
+            shutil.rmtree(tmp, ignore_errors=True)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(self.rundir, name + ".json"))
-        for d in (self.dir, self.rundir):  # leave no empty directories behind
-            with contextlib.suppress(OSError):
-                os.rmdir(d)
-        with contextlib.suppress(OSError):
-            os.rmdir(os.path.dirname(self.dir))
+
+
+def parse_name(name: str) -> Group | None:
+    """tcp4_127_0_0_1_8080 -> Group; None for anything else."""
+    try:
+        head, *addr, port = name.split("_")
+        proto, fam = head[:-1], int(head[-1])
+        if proto not in ("tcp", "udp") or fam not in (4, 6) or not addr:
+            return None
+        if fam == 4:
+            address = ".".join(addr)
+        else:  # the name replaced ':' by '_': rebuild and normalise
+            address = socket.inet_ntop(socket.AF_INET6, socket.inet_pton(socket.AF_INET6, ":".join(addr)))
+        return Group(proto, fam, address, int(port))
+    except (ValueError, OSError):
+        return None
 
 
 def read_meta(meta_fd: int) -> dict[str, int]:

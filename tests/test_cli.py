@@ -41,6 +41,11 @@ def env(kernel, two_cpus, tmp_path, monkeypatch):
     assert not progs and not maps, f"leaked BPF programs {progs}, maps {maps}"
 
 
+def pinned_groups(bpffs) -> list[str]:
+    root = os.path.join(bpffs, "numareuse")
+    return [g for ns in os.listdir(root) for g in os.listdir(os.path.join(root, ns))] if os.path.isdir(root) else []
+
+
 def cli(*args, ok=True):
     r = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
     if ok:
@@ -120,12 +125,13 @@ def test_attach_steers_running_server(env, server, flags):
     assert sorted(s["domain"] for s in rep["sockets"]) == [0, 0, 1, 1]
     assert sorted(o["pid"] for s in rep["sockets"] for o in s["owners"]) == sorted(srv.pids)
     assert "attach: scanning" in r.stderr  # progress on stderr
+    assert rep["group"]["address"] == ("::1" if family == socket.AF_INET6 else "127.0.0.1")
     for cpu, mine in ((0, {0, 1}), (1, {2, 3})):
         got = ask(cpu, srv.port, family=family, udp="--udp" in flags)
         assert set(got) == mine, f"client on cpu {cpu} reached workers {got}"
     st = json.loads(cli("stats", "--json").stdout)
     assert st[0]["counters"]["local"] == 2 * N and st[0]["locality"] == 1.0
-    assert set(before) != {0, 1}  # without numareuse the kernel spread cpu 0's clients everywhere
+    assert set(before) - {0, 1}  # without numareuse the kernel sent cpu 0's clients to domain 1 too
     cli("detach", "--port", srv.port, *flags)
 
 
@@ -180,6 +186,9 @@ def test_attach_again_is_idempotent_and_follows_changes(env, server):
     assert rep["action"] == "replaced"
     st = json.loads(cli("status", "--json").stdout)
     assert st[0]["spec"] == "0-1" and {s["domain"] for s in st[0]["sockets"]} == {0}
+    # one domain holding both workers: every CPU's clients reach both, all local
+    assert set(ask(0, srv.port, 40)) == {0, 1} and set(ask(1, srv.port, 40)) == {0, 1}
+    assert json.loads(cli("stats", "--json").stdout)[0]["counters"]["local"] == 80
     cli("detach", "-p", srv.port)
 
 
@@ -192,7 +201,7 @@ def test_detach_restores_kernel_balance_and_is_idempotent(env, server):
     assert set(ask(0, srv.port, 40)) == {0, 1}  # the kernel's hash uses both again
     r = cli("detach", "-p", srv.port)
     assert "nothing attached" in r.stderr and r.exit_code == 0
-    assert "numareuse" not in os.listdir(env)  # no pinned directory left behind
+    assert pinned_groups(env) == []  # no pinned group left behind (the netns lock directory stays)
 
 
 def test_detach_after_server_exit_removes_state(env, server):
@@ -355,3 +364,79 @@ def test_require_kernel_flag_is_seen():
 
     assert conftest.REQUIRE_KERNEL == (os.environ.get("NUMAREUSE_REQUIRE_KERNEL") == "1")
     need(True, "never skipped")
+
+
+# -- failures half-way: rolled back, or finished by the next command ----------
+
+
+def test_failed_replace_restores_old_selector(env, server, monkeypatch):
+    from numareuse import state
+
+    srv = server("--workers", 3, "--cpus", "0,0,1")
+    cli("attach", "-p", srv.port, "-d", "0", "-q")  # CPU 1 is in no domain: its worker is wildcard
+    before = json.loads(cli("status", "--json").stdout)[0]
+
+    def broken(*a, **kw):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(state.Store, "commit", broken)
+        msg = error_of(cli("attach", "-p", srv.port, "-d", "cpu", ok=False))
+    assert "No space left on device" in msg
+    after = json.loads(cli("status", "--json").stdout)[0]
+    key = lambda g: sorted((s["cookie"], str(s["domain"])) for s in g["sockets"])  # noqa: E731
+    assert key(after) == key(before) and after["program_id"] == before["program_id"]
+    assert set(ask(0, srv.port)) == {0, 1} and set(ask(1, srv.port)) == {2}  # old steering back
+    assert [g for g in pinned_groups(env) if g.startswith("tmp_")] == []
+    cli("detach", "-p", srv.port)
+
+
+def test_detach_without_ptrace_rights_keeps_state(env, server, monkeypatch):
+    srv = server("--workers", 2, "--cpus", "0,1")
+    cli("attach", "-p", srv.port, "-d", "cpu", "-q")
+
+    def denied(pid, fd):
+        raise PermissionError(1, "Operation not permitted")
+
+    with monkeypatch.context() as m:
+        m.setattr(_sys, "pidfd_getfd", denied)
+        msg = error_of(cli("detach", "-p", srv.port, ok=False))
+    assert "Operation not permitted" in msg
+    assert set(ask(0, srv.port)) == {0}  # still attached, and still known:
+    assert len(json.loads(cli("status", "--json").stdout)) == 1
+    cli("detach", "-p", srv.port)
+
+
+def test_crash_between_attach_and_commit_is_finished_later(env, server):
+    """SIGKILL after the program is attached, before its pins are renamed into place."""
+    srv = server("--workers", 2, "--cpus", "0,1")
+    code = (
+        "import os, sys; from numareuse import control, state;"
+        "state.Store.commit = lambda *a: os._exit(9);"
+        "control.attach(int(sys.argv[1]), domains='cpu')"
+    )
+    r = subprocess.run([sys.executable, "-c", code, str(srv.port)], env=os.environ.copy())
+    assert r.returncode == 9
+    assert set(ask(0, srv.port)) == {0}  # the orphaned program steers (and never refuses)
+    assert [g for g in pinned_groups(env) if g.startswith("tmp_")]  # but it is findable
+    r = cli("attach", "-p", srv.port, "-d", "cpu", "--progress", "--json")
+    assert "recovered" in r.stderr
+    assert json.loads(r.stdout)["action"] == "unchanged"
+    assert set(ask(1, srv.port)) == {1}
+    assert [g for g in pinned_groups(env) if g.startswith("tmp_")] == []
+    cli("detach", "-p", srv.port)
+    assert set(ask(0, srv.port, 40)) == {0, 1}
+
+
+def test_detach_finds_an_orphan_from_a_crash(env, server):
+    srv = server("--workers", 2, "--cpus", "0,1")
+    code = (
+        "import os, sys; from numareuse import control, state;"
+        "state.Store.commit = lambda *a: os._exit(9);"
+        "control.attach(int(sys.argv[1]), domains='cpu')"
+    )
+    assert subprocess.run([sys.executable, "-c", code, str(srv.port)]).returncode == 9
+    r = cli("detach", "-p", srv.port, "--json")
+    assert json.loads(r.stdout)["program_was_attached"] is True
+    assert pinned_groups(env) == []
+    assert set(ask(0, srv.port, 40)) == {0, 1}

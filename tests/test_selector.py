@@ -340,3 +340,63 @@ def test_failed_construction_leaks_nothing(no_leaks):
 
 def test_loopback_constants():
     assert LOOPBACK[socket.AF_INET6] == "::1"
+
+
+def test_failed_move_leaves_socket_where_it_was(kernel, two_cpus, group):
+    socks, port = group(2)
+    with Selector("0;1", capacity=1) as sel:
+        sel.attach(socks[0])
+        sel.register(socks[0], 0)
+        sel.register(socks[1], 1)
+        with pytest.raises(CapacityError):
+            sel.register(socks[0], 1)  # domain 1 is full
+        assert sorted(r["domain"] for r in sel.registrations()) == [0, 1]
+        assert connect_from(0, socket.AF_INET, port, N) == N
+        assert drain(socks) == [N, 0]
+
+
+def test_clear_releases_sockets_left_above_a_count(kernel, group):
+    """An interrupted operation can leave a socket in a slot past the count: clear() finds it."""
+    socks, _ = group(2)
+    a = Selector("0")
+    b = Selector("0")
+    try:
+        a.attach(socks[0])
+        a.register(socks[0], 0)
+        a.register(socks[1], 0)
+        a._set_count(0, 1)  # as if interrupted: socks[1] sits above the count
+        a.clear()
+        b.use_group(socks[0])
+        b.register(socks[1], 0)  # no EBUSY: a released it
+        b.register(socks[0], 0)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_close_releases_sockets_at_once(kernel, group):
+    """The kernel frees a closed selector's maps some ms later; close() must not make others wait."""
+    socks, _ = group(2)
+    a, b = Selector("0"), Selector("0")
+    try:
+        a.attach(socks[0])
+        for s in socks:
+            a.register(s, 0)
+        a.close()
+        b.attach(socks[0])
+        for s in socks:
+            b.register(s, 0)  # immediately: no EBUSY
+        assert len(b.registrations()) == 2
+    finally:
+        b.close()
+
+
+def test_socket_in_another_selector_is_a_clear_error(kernel, group):
+    socks, _ = group(1)
+    with Selector("0") as a, Selector("0") as b:
+        a.attach(socks[0])
+        a.register(socks[0], 0)
+        b.use_group(socks[0])
+        with pytest.raises(NumaReuseError, match="already in another selector"):
+            b.register(socks[0], 0)
+        assert b.registrations() == []
