@@ -37,7 +37,7 @@ die() {
 # -- which kernel: the one Debian's metapackage points at, never a hard-coded ABI
 kernel_release() {
 	local dep
-	dep=$(dpkg-query -W -f='${Depends}' linux-image-amd64 2>/dev/null) ||
+	dep=$(dpkg-query -W -f='${Status} ${Depends}' linux-image-amd64 2>/dev/null | grep '^install ok installed') ||
 		dep=$(apt-cache depends linux-image-amd64 2>/dev/null | sed -n 's/.*Depends: //p')
 	dep=$(grep -o 'linux-image-[0-9][^ ,]*' <<<"$dep" | head -n1)
 	[ -n "$dep" ] || die "cannot tell which kernel linux-image-amd64 installs (make setup installs it)"
