@@ -39,8 +39,9 @@ REQUEST = b"GET / HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n"
 MAX_REQUESTS = 200_000  # per client process: a bound besides the duration
 
 
-def _ignore_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the demo's parent handles Ctrl-C and cleans up
+def _client_init() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the demo process cleans up
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # pool.terminate() ends a client quietly
 
 
 def _client(args: tuple[int, int, float]) -> dict:
@@ -225,7 +226,7 @@ def main(argv=None) -> int:
             for w in server.workers():
                 print(f"  {w}")
             print(f"  server ready on {HOST}:{port}; load for {a.duration:g} s ...", flush=True)
-            pool = multiprocessing.get_context("fork").Pool(len(cpus) * a.clients_per_cpu, _ignore_sigint)
+            pool = multiprocessing.get_context("fork").Pool(len(cpus) * a.clients_per_cpu, _client_init)
             results = _run_load(pool, cpus, a.clients_per_cpu, port, a.duration)
             pool.close()
             pool.join()

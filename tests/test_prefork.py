@@ -1,0 +1,317 @@
+"""The bundled pre-fork server on the real kernel: real processes, real HTTP over loopback.
+
+Two workers pinned to CPU 0 and CPU 1 with virtual domains "cpu" (one domain
+per CPU) and clients pinned to a CPU give exact, deterministic answers on a
+one-node machine: a client on CPU n is always answered by worker n.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+
+import pytest
+from conftest import need, pinned
+
+from numareuse import _sys
+from numareuse.prefork import parse_affinity
+
+N = 30  # requests per CPU
+
+
+def http_get(host: str, port: int, timeout: float = 5.0) -> dict:
+    """One request on a new connection (so every request is a new steering decision); its X-Worker headers."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as c:
+        c.settimeout(timeout)
+        c.connect((host, port))
+        c.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        return _read_response(c)
+
+
+def _read_response(c: socket.socket) -> dict:
+    data = b""
+    while True:
+        chunk = c.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    head, _, _ = data.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    assert lines[0].startswith("HTTP/1.1 200"), data
+    h = dict(ln.split(": ", 1) for ln in lines[1:])
+    return {"pid": int(h["X-Worker-Pid"]), "index": int(h["X-Worker-Index"]), "cpu": int(h["X-Worker-Cpu"]),
+            "domain": h["X-Worker-Domain"], "registered": h["X-Worker-Registered"]}  # fmt: skip
+
+
+class Server:
+    """``python -m numareuse.prefork`` in its own session, its output collected line by line."""
+
+    def __init__(self, *args: str):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "numareuse.prefork", "--port", "0", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,  # one process group to clean up, even on failure
+        )
+        self.lines: list[str] = []
+        self._cv = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            with self._cv:
+                self.lines.append(line.rstrip("\n"))
+                self._cv.notify_all()
+        with self._cv:
+            self.lines.append("<eof>")
+            self._cv.notify_all()
+
+    def wait_for(self, pattern: str, timeout: float = 20.0, start: int = 0) -> re.Match:
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while True:
+                for line in self.lines[start:]:
+                    m = re.search(pattern, line)
+                    if m:
+                        return m
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.lines and self.lines[-1] == "<eof>"):
+                    pytest.fail(f"server never printed {pattern!r}; output:\n" + "\n".join(self.lines))
+                self._cv.wait(left)
+
+    def start(self) -> Server:
+        m = self.wait_for(r"^ready port=(\d+) .* prog_id=(\d+)")
+        self.port, self.prog_id = int(m.group(1)), int(m.group(2))
+        self.workers = {
+            int(i): int(p) for i, p in re.findall(r"^worker (\d+) pid=(\d+) cpus", "\n".join(self.lines), re.M)
+        }
+        return self
+
+    def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGCONT)  # in case a test left the master stopped
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(10)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+
+@pytest.fixture
+def server(kernel, two_cpus):
+    """Factory: a started server with the given CLI arguments; every process is gone at the end."""
+    made: list[Server] = []
+
+    def start(*args: str) -> Server:
+        s = Server(*args)
+        made.append(s)
+        return s.start()
+
+    yield start
+    for s in made:
+        s.stop()
+
+
+def answers(cpu: int, srv: Server, n: int = N, host: str = "127.0.0.1") -> list[dict]:
+    with pinned(cpu):
+        return [http_get(host, srv.port) for _ in range(n)]
+
+
+def status_fields(pid: int) -> dict:
+    with open(f"/proc/{pid}/status") as f:
+        return dict(ln.rstrip("\n").split(":\t", 1) for ln in f if ":\t" in ln)
+
+
+def test_affinity_parsing():
+    assert parse_affinity("auto", 3, [0, 1]) == [{0}, {1}, {0}]
+    assert parse_affinity("01 10", 2, [0, 1]) == [{0}, {1}]  # nginx masks: rightmost bit is CPU 0
+    assert parse_affinity("0011 1100", 3, [0, 1, 2, 3]) == [{0, 1}, {2, 3}, {2, 3}]  # last mask repeats
+    assert parse_affinity("0-1;3", 2, [0, 1, 2, 3]) == [{0, 1}, {3}]
+    assert parse_affinity("2", 1, [0, 1, 2]) == [{2}]  # not a mask: a CPU list
+    assert parse_affinity("none", 2, [0, 1]) == [None, None]
+    for bad in ("00", "0-1;7", "x", ""):
+        with pytest.raises(ValueError):
+            parse_affinity(bad, 2, [0, 1, 2, 3])
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"], ids=["ipv4", "ipv6"])
+def test_pinned_clients_answered_by_their_worker(server, host):
+    srv = server("--host", host, "--workers", "2", "--affinity", "auto", "--domains", "cpu")
+    for cpu in (0, 1):
+        got = answers(cpu, srv, host=host)
+        assert Counter(a["pid"] for a in got) == {srv.workers[cpu]: N}
+        assert {(a["index"], a["cpu"], a["domain"], a["registered"]) for a in got} == {(cpu, cpu, str(cpu), "direct")}
+
+
+def test_without_numareuse_the_kernel_hash_spreads(server):
+    """The control: the same server without the program; a client on CPU 0 reaches both workers."""
+    srv = server("--workers", "2", "--domains", "cpu", "--no-numareuse")
+    assert srv.prog_id == 0
+    got = Counter(a["index"] for a in answers(0, srv, 40))
+    assert got[0] and got[1], got  # all 40 on one worker by chance: p = 2**-39
+
+
+def _assert_unprivileged(srv: Server) -> None:
+    for pid in srv.workers.values():
+        st = status_fields(pid)
+        assert st["Uid"].split()[0] != "0" and st["Gid"].split()[0] != "0"
+        assert int(st["CapEff"], 16) == 0
+        assert st["Groups"].strip() == ""
+
+
+def test_unprivileged_worker_registers_through_inherited_fds(server):
+    srv = server("--workers", "2", "--domains", "cpu", "--user", "nobody")
+    paths = set(re.findall(r"registered=(\w+) uid=", "\n".join(srv.lines)))
+    need(paths == {"direct"}, "this kernel refuses bpf() map updates to unprivileged processes (before ~6.5)")
+    _assert_unprivileged(srv)
+    for cpu in (0, 1):
+        got = answers(cpu, srv)
+        assert Counter(a["pid"] for a in got) == {srv.workers[cpu]: N}
+        assert {a["registered"] for a in got} == {"direct"}
+
+
+def test_unprivileged_worker_registers_through_the_master(server):
+    """The path for kernels that refuse bpf() to unprivileged workers, forced."""
+    srv = server("--workers", "2", "--domains", "cpu", "--user", "nobody", "--registration", "master")
+    _assert_unprivileged(srv)
+    for cpu in (0, 1):
+        got = answers(cpu, srv)
+        assert Counter(a["pid"] for a in got) == {srv.workers[cpu]: N}
+        assert {(a["domain"], a["registered"]) for a in got} == {(str(cpu), "master")}
+
+
+def test_connections_queued_on_a_dead_workers_socket_go_to_its_replacement(server):
+    """Deterministic: with the master stopped, worker 1 dies and nobody can replace it yet.
+
+    Its socket (held by the master) stays in the group and in its slot, so
+    connections from CPU 1 are still accepted by the kernel and queue on it;
+    the replacement accepts and answers every one of them.
+    """
+    srv = server("--workers", "2", "--domains", "cpu")
+    old, mark = srv.workers[1], len(srv.lines)
+    os.kill(srv.proc.pid, signal.SIGSTOP)
+    try:
+        os.kill(old, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while status_fields(old)["State"][0] != "Z":  # dead, not reaped: the master is stopped
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        # worker 0 serves on while the master is stopped
+        assert {a["pid"] for a in answers(0, srv, 5)} == {srv.workers[0]}
+        queued = []
+        with pinned(1):
+            for _ in range(10):
+                c = socket.create_connection(("127.0.0.1", srv.port), timeout=5)  # not refused
+                c.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+                queued.append(c)
+        time.sleep(0.1)
+        for c in queued:  # nobody has answered: no worker has the socket
+            c.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                c.recv(1)
+            c.settimeout(5)
+    finally:
+        os.kill(srv.proc.pid, signal.SIGCONT)
+    try:
+        got = [_read_response(c) for c in queued]
+    finally:
+        for c in queued:
+            c.close()
+    new = int(srv.wait_for(r"^worker 1 pid=(\d+) cpus=1 domain=1 registered=direct", start=mark).group(1))
+    assert new != old
+    assert Counter(a["pid"] for a in got) == {new: 10}
+    assert Counter(a["pid"] for a in answers(1, srv, 10)) == {new: 10}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["graceful", "crash"])
+def test_worker_restart_under_a_client_loop(server, sig):
+    srv = server("--workers", "2", "--domains", "cpu")
+    old = srv.workers[1]
+    stop = threading.Event()
+    results = {0: Counter(), 1: Counter()}
+    failures = {0: [], 1: []}
+
+    def client(cpu: int) -> None:
+        os.sched_setaffinity(0, {cpu})  # this thread only
+        deadline = time.monotonic() + 15  # bounded even if the test body fails
+        while not stop.is_set() and time.monotonic() < deadline:
+            stage = "connect"
+            try:
+                family = socket.AF_INET
+                with socket.socket(family) as c:
+                    c.settimeout(5)
+                    c.connect(("127.0.0.1", srv.port))
+                    stage = "request"
+                    c.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+                    results[cpu][_read_response(c)["pid"]] += 1
+            except (OSError, AssertionError, KeyError, ValueError) as e:
+                failures[cpu].append((stage, repr(e)))
+
+    threads = [threading.Thread(target=client, args=(cpu,)) for cpu in (0, 1)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.3)
+        mark = len(srv.lines)
+        os.kill(old, sig)
+        new = int(srv.wait_for(r"^worker 1 pid=(\d+) cpus=1 domain=1 registered=direct", start=mark).group(1))
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    why = f"failures {failures}, answers {results}, server:\n" + "\n".join(srv.lines)
+    assert not failures[0], why
+    assert [f for f in failures[1] if f[0] == "connect"] == [], why  # never refused
+    if sig == signal.SIGTERM:
+        assert failures[1] == [], why  # graceful: it finished what it had accepted
+    else:
+        # a crash loses only what the worker had already accepted: this client's one request in flight
+        assert len(failures[1]) <= 1, why
+    assert set(results[0]) == {srv.workers[0]}, why
+    assert set(results[1]) == {old, new} and results[1][new] > 0, why  # steering survives the restart
+
+
+def test_sigterm_stops_everything(server):
+    srv = server("--workers", "2", "--domains", "cpu")
+    pids = [srv.proc.pid, *srv.workers.values()]
+    os.close(_sys.prog_fd_by_id(srv.prog_id))  # the program is loaded (and attached)
+    srv.proc.send_signal(signal.SIGTERM)
+    assert srv.proc.wait(15) == 0
+    srv.wait_for(r"^stopped detached=yes")
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    deadline = time.monotonic() + 3  # the kernel frees the program after an RCU grace period
+    while True:
+        try:
+            os.close(_sys.prog_fd_by_id(srv.prog_id))
+        except OSError:
+            break
+        assert time.monotonic() < deadline, "the program outlived the server"
+        time.sleep(0.05)
+    with pytest.raises(ConnectionRefusedError):
+        http_get("127.0.0.1", srv.port)
+
+
+def test_bad_user_fails_with_one_line(kernel):
+    p = subprocess.run(
+        [sys.executable, "-m", "numareuse.prefork", "--port", "0", "--user", "no-such-user-here"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert p.returncode == 1
+    assert p.stderr.strip() == "Error: prefork: no such user 'no-such-user-here'"
