@@ -53,3 +53,10 @@ vm-test: setup
 	  apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; \
 	fi
 	vm/run.sh $(VENV)/bin/pytest tests/vm $(PYTEST_ARGS)
+
+# Demo (issue 5): the bundled pre-fork server on loopback, one worker per CPU,
+# under client load pinned per CPU: first the kernel's default balancing, then
+# numareuse; prints a before/after table. Under a minute; stops all it started,
+# even on Ctrl-C. DEMO_ARGS="--duration 8" for longer runs.
+demo: setup
+	$(PY) -m numareuse.demo $(DEMO_ARGS)
