@@ -54,6 +54,13 @@ vm-test: setup
 	fi
 	vm/run.sh $(VENV)/bin/pytest tests/vm $(PYTEST_ARGS)
 
+# Benchmarks (issue 5): numareuse against baselines measured in the same run
+# (locality, connection rate, per-selection cost, register/attach time, memory).
+# Writes bench/results.json, prints a markdown table; BENCH_ARGS=--quick for a smoke run.
+bench: setup
+	@mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
+	$(PY) -m bench.run $(BENCH_ARGS)
+
 # Demo (issue 5): the bundled pre-fork server on loopback, one worker per CPU,
 # under client load pinned per CPU: first the kernel's default balancing, then
 # numareuse; prints a before/after table. Under a minute; stops all it started,
