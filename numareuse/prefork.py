@@ -429,6 +429,8 @@ class Master:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.topo = topology.parse(cfg.domains)
+        if cfg.workers < 0:
+            raise ValueError(f"--workers {cfg.workers}: give at least 1 (0 = one per CPU)")
         nworkers = cfg.workers or len(os.sched_getaffinity(0))
         affinity = parse_affinity(cfg.affinity, nworkers)
         if cfg.user:
@@ -440,7 +442,12 @@ class Master:
         self.stopping = False
         self.exit_code = 0
         self.announced = False
-        self._sigr = self._sigw = -1
+        # signals first: a SIGTERM during the (slow) program load must stop us cleanly, not kill us
+        self._sigr, self._sigw = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.poll.register(self._sigr, selectors.EVENT_READ, None)
+        signal.set_wakeup_fd(self._sigw, warn_on_full_buffer=False)
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, lambda *_: None)  # the wakeup fd carries the signal number
         try:
             port = cfg.port
             for i in range(nworkers):
@@ -458,16 +465,14 @@ class Master:
     # lifecycle
 
     def run(self) -> int:
-        self._sigr, self._sigw = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.poll.register(self._sigr, selectors.EVENT_READ, None)
-        signal.set_wakeup_fd(self._sigw, warn_on_full_buffer=False)
-        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, lambda *_: None)  # the wakeup fd carries the signal number
         try:
             mode = "on" if self.sel else "off"
             _log(f"master pid={os.getpid()} numareuse={mode} domains={self.topo.spec} ndomains={self.topo.ndomains}")
+            with contextlib.suppress(BlockingIOError):
+                self._on_signals(os.read(self._sigr, 512))  # a stop requested while we loaded
             for slot in self.slots:
-                self._spawn(slot)
+                if not self.stopping:
+                    self._spawn(slot)
             started = time.monotonic()
             while not self.stopping:
                 now = time.monotonic()
@@ -635,10 +640,6 @@ class Master:
             _log("stats " + " ".join(f"{k}={v}" for k, v in st.items()))
         detached = self.sel is not None and self.sel.detach()
         self._close()
-        signal.set_wakeup_fd(-1)
-        for fd in (self._sigr, self._sigw):
-            if fd >= 0:
-                os.close(fd)
         _log(f"stopped detached={'yes' if detached else 'no'}")
 
     def _close(self) -> None:
@@ -650,6 +651,11 @@ class Master:
                 s.ctl.close()
             s.sock.close()
         self.poll.close()
+        signal.set_wakeup_fd(-1)
+        for fd in (self._sigr, self._sigw):
+            if fd >= 0:
+                os.close(fd)
+        self._sigr = self._sigw = -1
 
 
 # -- CLI -------------------------------------------------------------------

@@ -306,6 +306,28 @@ def test_sigterm_stops_everything(server):
         http_get("127.0.0.1", srv.port)
 
 
+def test_sigterm_during_startup_exits_cleanly(kernel):
+    """A stop while the workers are still starting is a clean exit 0 (the master catches
+    signals from before the program loads, so no moment of start-up kills it outright)."""
+    p = subprocess.Popen(
+        [sys.executable, "-m", "numareuse.prefork", "--port", "0", "--domains", "cpu"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert p.stdout.readline().startswith("master pid=")  # printed after the program loaded
+        p.send_signal(signal.SIGTERM)
+        out, _ = p.communicate(timeout=15)
+        assert p.returncode == 0, out
+        assert out.rstrip().endswith("stopped detached=yes"), out
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+
+
 def test_bad_user_fails_with_one_line(kernel):
     p = subprocess.run(
         [sys.executable, "-m", "numareuse.prefork", "--port", "0", "--user", "no-such-user-here"],
