@@ -18,11 +18,13 @@ import socket
 import sys
 
 
-def serve(i: int, sock: socket.socket, cpu: int | None) -> None:
+def serve(i: int, sock: socket.socket, cpu: int | None, ready: int) -> None:
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})
     ep = select.epoll()
     ep.register(sock.fileno(), select.EPOLLIN)
+    os.write(ready, b".")  # pinned and polling: the master may announce readiness
+    os.close(ready)
     reply = f"{os.getpid()} {i}\n".encode()
     signal.signal(signal.SIGTERM, lambda *a: os._exit(0))
     while True:
@@ -64,12 +66,22 @@ def main() -> None:
         s.setblocking(False)
         socks.append(s)
     pids = []
+    r, w = os.pipe()
     for i, s in enumerate(socks):
         pid = os.fork()
         if pid == 0:
-            serve(i, s, cpus[i % len(cpus)])
+            os.close(r)
+            serve(i, s, cpus[i % len(cpus)], w)
             os._exit(0)
         pids.append(pid)
+    os.close(w)
+    got = b""
+    while len(got) < len(socks):
+        chunk = os.read(r, 64)
+        if not chunk:
+            sys.exit("a worker died before it was ready")
+        got += chunk
+    os.close(r)
 
     def stop(*_):
         for p in pids:

@@ -67,9 +67,10 @@ def nginx(tmp_path, two_cpus):
         try:
             workers = psutil.Process(proc.pid).children()
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            if len(workers) == 2:
+            # ready when both workers exist and have applied worker_cpu_affinity
+            if len(workers) == 2 and all(len(w.cpu_affinity()) == 1 for w in workers):
                 break
-        except OSError:
+        except (OSError, psutil.Error):
             pass
         time.sleep(0.05)
     assert len(workers) == 2, (tmp_path / "error.log").read_text()
