@@ -255,8 +255,9 @@ def main(argv=None) -> int:
     print(_table(cols, topo))
     print(
         "\n  requests/s: Python clients and a Python server sharing the same CPUs; compare the columns,\n"
-        "  not with nginx. The program's counters: local = picked in the packet's domain, fallback =\n"
-        "  left to the kernel's hash."
+        "  not with nginx, and expect other load on the machine to move them (the local share does not\n"
+        "  move). The program's counters: local = picked in the packet's domain, fallback = left to\n"
+        "  the kernel's hash."
     )
     print(f"\ndemo took {time.monotonic() - t0:.1f} s; every process it started has stopped")
     return 0
