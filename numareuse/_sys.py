@@ -343,3 +343,13 @@ def rename_exchange(a: str, b: str) -> None:
     if ret < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), a)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def set_pdeathsig(sig: int) -> None:
+    """Have the kernel send ``sig`` to this process when its parent dies (setuid clears it)."""
+    if _libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))

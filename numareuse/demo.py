@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import multiprocessing
 import os
 import re
@@ -32,7 +31,7 @@ import subprocess
 import sys
 import time
 
-from . import topology
+from . import _sys, topology
 
 HOST = "127.0.0.1"
 REQUEST = b"GET / HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n"
@@ -76,7 +75,7 @@ def _client(args: tuple[int, int, float]) -> dict:
 
 def _set_pdeathsig() -> None:
     # the server dies with the demo even if the demo is SIGKILLed (PR_SET_PDEATHSIG)
-    ctypes.CDLL(None).prctl(1, int(signal.SIGTERM), 0, 0, 0)
+    _sys.set_pdeathsig(signal.SIGTERM)
 
 
 class _Server:

@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import errno
 import json
 import os
@@ -78,7 +77,6 @@ KEEPALIVE_SECONDS = 30.0
 MAX_HEAD = 16384
 RESTART_BACKOFF = 1.0  # a worker that died younger than this is restarted after this delay
 READY_TIMEOUT = 30.0
-_PR_SET_PDEATHSIG = 1
 
 
 def _domain_name(d: int | None) -> str:
@@ -140,14 +138,6 @@ class Config:
 
 def _log(msg: str) -> None:
     print(msg, flush=True)
-
-
-def _set_pdeathsig(sig: int) -> None:
-    """Have the kernel send ``sig`` to this process when its parent dies (prctl)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 
 
 def _drop_privileges(user: str) -> None:
@@ -259,7 +249,7 @@ class _Worker:
             os.sched_setaffinity(0, self.cpus)
         if self.cfg.user:
             _drop_privileges(self.cfg.user)
-        _set_pdeathsig(signal.SIGTERM)  # after setuid, which clears it
+        _sys.set_pdeathsig(signal.SIGTERM)  # after setuid, which clears it
         if os.getppid() != master:
             raise NumaReuseError("the master exited while this worker started")
         self._register()
@@ -458,6 +448,8 @@ class Master:
             if cfg.numareuse:
                 self.sel = Selector(self.topo)
                 self.sel.attach(self.slots[0].sock)
+                for slot in self.slots:  # the master holds every socket: its sweeps may move any
+                    self.sel.use_group(slot.sock)
         except BaseException:
             self._close()
             raise
