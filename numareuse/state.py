@@ -157,12 +157,13 @@ class Store:
 
     # -- writing ----------------------------------------------------------
     #
-    # A new selector is pinned under tmp_<group>_* BEFORE its program is
+    # A new selector is pinned under tmp_<group>-* BEFORE its program is
     # attached, then renamed (or atomically exchanged) into place: a crash at
     # any point leaves pins that name their group, which recover() finishes.
 
     def stage(self, group: Group, sel: Selector) -> str:
-        tmp = tempfile.mkdtemp(prefix=f"tmp_{group.name}_", dir=self.dir)
+        # "-" separates the random suffix: group names never contain one (bpffs refuses ".")
+        tmp = tempfile.mkdtemp(prefix=f"tmp_{group.name}-", dir=self.dir)
         try:
             sel.pin(tmp)
         except BaseException:
@@ -187,7 +188,7 @@ class Store:
         emptied first so that its sockets can be registered again.
         """
         done = []
-        for tmp in sorted(glob.glob(os.path.join(self.dir, f"tmp_{group.name}_*"))):
+        for tmp in sorted(glob.glob(os.path.join(self.dir, f"tmp_{group.name}-*"))):
             try:
                 self.open(group.name, tmp).close()
             except StateError:
@@ -212,7 +213,7 @@ class Store:
     def recover_all(self) -> list[str]:
         """recover() every group that has a staging directory."""
         names = (
-            {n[4:].rsplit("_", 1)[0] for n in os.listdir(self.dir) if n.startswith("tmp_")}
+            {n[4:].rsplit("-", 1)[0] for n in os.listdir(self.dir) if n.startswith("tmp_")}
             if os.path.isdir(self.dir)
             else set()
         )
@@ -229,7 +230,7 @@ class Store:
     def remove(self, name: str) -> None:
         # the netns directory stays: it is the lock others may be waiting on
         shutil.rmtree(os.path.join(self.dir, name), ignore_errors=True)
-        for tmp in glob.glob(os.path.join(self.dir, f"tmp_{name}_*")):
+        for tmp in glob.glob(os.path.join(self.dir, f"tmp_{name}-*")):
             shutil.rmtree(tmp, ignore_errors=True)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(self.rundir, name + ".json"))

@@ -283,8 +283,10 @@ def test_process_exits_during_attach(env, server, monkeypatch):
 def test_not_root(env, server, tmp_path):
     srv = server("--workers", 1)
     code = (
-        "import os,sys; os.setgroups([]); os.setgid(65534); os.setuid(65534);"
-        "from numareuse.cli.main import main; sys.argv=['numareuse','attach','-p',sys.argv[1]]; main()"
+        # import first: the checkout may not be readable by nobody (a 0700 temp dir)
+        "import os,sys; from numareuse.cli.main import main;"
+        "os.setgroups([]); os.setgid(65534); os.setuid(65534);"
+        "sys.argv=['numareuse','attach','-p',sys.argv[1]]; main()"
     )
     r = subprocess.run([sys.executable, "-c", code, str(srv.port)], capture_output=True, text=True)
     assert r.returncode == 1
