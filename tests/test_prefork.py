@@ -20,93 +20,12 @@ from collections import Counter
 
 import pytest
 from conftest import need, pinned
+from prefork_client import Server, http_get, read_response
 
 from numareuse import _sys
 from numareuse.prefork import parse_affinity
 
 N = 30  # requests per CPU
-
-
-def http_get(host: str, port: int, timeout: float = 5.0) -> dict:
-    """One request on a new connection (so every request is a new steering decision); its X-Worker headers."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family) as c:
-        c.settimeout(timeout)
-        c.connect((host, port))
-        c.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-        return _read_response(c)
-
-
-def _read_response(c: socket.socket) -> dict:
-    data = b""
-    while True:
-        chunk = c.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-    head, _, _ = data.partition(b"\r\n\r\n")
-    lines = head.decode().split("\r\n")
-    assert lines[0].startswith("HTTP/1.1 200"), data
-    h = dict(ln.split(": ", 1) for ln in lines[1:])
-    return {"pid": int(h["X-Worker-Pid"]), "index": int(h["X-Worker-Index"]), "cpu": int(h["X-Worker-Cpu"]),
-            "domain": h["X-Worker-Domain"], "registered": h["X-Worker-Registered"]}  # fmt: skip
-
-
-class Server:
-    """``python -m numareuse.prefork`` in its own session, its output collected line by line."""
-
-    def __init__(self, *args: str):
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "numareuse.prefork", "--port", "0", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,  # one process group to clean up, even on failure
-        )
-        self.lines: list[str] = []
-        self._cv = threading.Condition()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            with self._cv:
-                self.lines.append(line.rstrip("\n"))
-                self._cv.notify_all()
-        with self._cv:
-            self.lines.append("<eof>")
-            self._cv.notify_all()
-
-    def wait_for(self, pattern: str, timeout: float = 20.0, start: int = 0) -> re.Match:
-        deadline = time.monotonic() + timeout
-        with self._cv:
-            while True:
-                for line in self.lines[start:]:
-                    m = re.search(pattern, line)
-                    if m:
-                        return m
-                left = deadline - time.monotonic()
-                if left <= 0 or (self.lines and self.lines[-1] == "<eof>"):
-                    pytest.fail(f"server never printed {pattern!r}; output:\n" + "\n".join(self.lines))
-                self._cv.wait(left)
-
-    def start(self) -> Server:
-        m = self.wait_for(r"^ready port=(\d+) .* prog_id=(\d+)")
-        self.port, self.prog_id = int(m.group(1)), int(m.group(2))
-        self.workers = {
-            int(i): int(p) for i, p in re.findall(r"^worker (\d+) pid=(\d+) cpus", "\n".join(self.lines), re.M)
-        }
-        return self
-
-    def stop(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGCONT)  # in case a test left the master stopped
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(10)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
 
 
 @pytest.fixture
@@ -225,7 +144,7 @@ def test_connections_queued_on_a_dead_workers_socket_go_to_its_replacement(serve
     finally:
         os.kill(srv.proc.pid, signal.SIGCONT)
     try:
-        got = [_read_response(c) for c in queued]
+        got = [read_response(c) for c in queued]
     finally:
         for c in queued:
             c.close()
@@ -255,7 +174,7 @@ def test_worker_restart_under_a_client_loop(server, sig):
                     c.connect(("127.0.0.1", srv.port))
                     stage = "request"
                     c.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-                    results[cpu][_read_response(c)["pid"]] += 1
+                    results[cpu][read_response(c)["pid"]] += 1
             except (OSError, AssertionError, KeyError, ValueError) as e:
                 failures[cpu].append((stage, repr(e)))
 
