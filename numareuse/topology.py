@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 from . import _sys
 from .errors import DomainSpecError
 
-SYS_CPU = "/sys/devices/system/cpu"
-SYS_NODE = "/sys/devices/system/node"
+# Roots of what is read; tests point them at a fake tree to build topologies
+# (two nodes, an IRQ spanning them) that the test machine does not have.
+SYS = "/sys"
+PROC = "/proc"
 MAX_DOMAINS = 64
 
 
@@ -29,14 +31,14 @@ def _read(path: str) -> str:
 
 
 def online_cpus() -> list[int]:
-    return _sys.parse_cpulist(_read(f"{SYS_CPU}/online"))
+    return _sys.parse_cpulist(_read(f"{SYS}/devices/system/cpu/online"))
 
 
 def numa_nodes() -> dict[int, list[int]]:
     """node id -> its online CPUs (empty for memory-only nodes)."""
     online = set(online_cpus())
     nodes = {}
-    for path in glob.glob(f"{SYS_NODE}/node[0-9]*"):
+    for path in glob.glob(f"{SYS}/devices/system/node/node[0-9]*"):
         node = int(re.search(r"node(\d+)$", path).group(1))
         nodes[node] = [c for c in _sys.parse_cpulist(_read(f"{path}/cpulist")) if c in online]
     if not nodes:  # kernel without CONFIG_NUMA: one node with every CPU
@@ -49,7 +51,7 @@ def llc_groups() -> list[list[int]]:
     groups: dict[tuple[int, ...], None] = {}
     for cpu in online_cpus():
         best_level, best = -1, [cpu]
-        for idx in glob.glob(f"{SYS_CPU}/cpu{cpu}/cache/index[0-9]*"):
+        for idx in glob.glob(f"{SYS}/devices/system/cpu/cpu{cpu}/cache/index[0-9]*"):
             try:
                 level = int(_read(f"{idx}/level"))
                 if _read(f"{idx}/type") == "Instruction":
@@ -152,7 +154,7 @@ def current_domain(topo: Topology) -> int | None:
 def _irq_cpus(irq: int) -> list[int]:
     for name in ("effective_affinity_list", "smp_affinity_list"):
         try:
-            return _sys.parse_cpulist(_read(f"/proc/irq/{irq}/{name}"))
+            return _sys.parse_cpulist(_read(f"{PROC}/irq/{irq}/{name}"))
         except (OSError, ValueError):
             continue
     return []
@@ -161,7 +163,7 @@ def _irq_cpus(irq: int) -> list[int]:
 def _irq_names() -> dict[int, str]:
     names = {}
     try:
-        with open("/proc/interrupts") as f:
+        with open(f"{PROC}/interrupts") as f:
             ncpu = len(f.readline().split())
             for line in f:
                 parts = line.split()
@@ -186,7 +188,7 @@ def interfaces() -> list[dict]:
     node_of = {c: n for n, cpus in numa_nodes().items() for c in cpus}
     irq_names = _irq_names()
     out = []
-    for path in sorted(glob.glob("/sys/class/net/*")):
+    for path in sorted(glob.glob(f"{SYS}/class/net/*")):
         ifname = os.path.basename(path)
         rxq = sorted(glob.glob(f"{path}/queues/rx-*"), key=lambda p: int(p.rsplit("-", 1)[1]))
         dev = os.path.realpath(f"{path}/device") if os.path.exists(f"{path}/device") else None
