@@ -271,41 +271,48 @@ def sched_getcpu() -> int:
     return cpu
 
 
+_libc.getsockopt.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32)]
+_libc.setsockopt.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_uint32]
+
+
+def _getsockopt(fd: int, opt: int, size: int) -> bytes:
+    # straight to libc: no dup and no socket object (which leaked its dup when
+    # ``fd`` was not a socket, and cost more than the syscall on register's path)
+    buf = ctypes.create_string_buffer(size)
+    n = ctypes.c_uint32(size)
+    if _libc.getsockopt(fd, socket.SOL_SOCKET, opt, buf, ctypes.byref(n)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return buf.raw[: n.value]
+
+
+def _setsockopt(fd: int, opt: int, value: int) -> None:
+    v = ctypes.c_int(value)
+    if _libc.setsockopt(fd, socket.SOL_SOCKET, opt, ctypes.byref(v), 4) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
 def sock_opt_int(fd: int, opt: int) -> int:
-    s = socket.socket(fileno=os.dup(fd))
-    try:
-        return s.getsockopt(socket.SOL_SOCKET, opt)
-    finally:
-        s.close()
+    return struct.unpack("=i", _getsockopt(fd, opt, 4))[0]
 
 
 def sock_cookie(fd: int) -> int:
-    s = socket.socket(fileno=os.dup(fd))
-    try:
-        return struct.unpack("=Q", s.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0]
-    finally:
-        s.close()
+    return struct.unpack("=Q", _getsockopt(fd, SO_COOKIE, 8))[0]
 
 
 def attach_reuseport_prog(sock_fd: int, prog_fd: int) -> None:
-    s = socket.socket(fileno=os.dup(sock_fd))
-    try:
-        s.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_EBPF, prog_fd)
-    finally:
-        s.close()
+    _setsockopt(sock_fd, SO_ATTACH_REUSEPORT_EBPF, prog_fd)
 
 
 def detach_reuseport_prog(sock_fd: int) -> bool:
     """Detach the group's program; False when none was attached (ENOENT)."""
-    s = socket.socket(fileno=os.dup(sock_fd))
     try:
-        s.setsockopt(socket.SOL_SOCKET, SO_DETACH_REUSEPORT_BPF, 0)
+        _setsockopt(sock_fd, SO_DETACH_REUSEPORT_BPF, 0)
     except OSError as e:
         if e.errno == 2:
             return False
         raise
-    finally:
-        s.close()
     return True
 
 

@@ -283,9 +283,11 @@ class Selector:
     @staticmethod
     def _group_key(fd: int) -> tuple:
         """(family, type, protocol, bound address) of a socket usable in a group, else ENOENT."""
+        dup = os.dup(fd)
         try:
-            s = socket.socket(fileno=os.dup(fd))
+            s = socket.socket(fileno=dup)
         except OSError as e:
+            os.close(dup)
             raise NotInGroupError(f"fd {fd} is not a socket ({e.strerror})") from None
         try:
             if s.family not in (socket.AF_INET, socket.AF_INET6) or s.type not in (

@@ -23,6 +23,9 @@ from numareuse import (
     Selector,
 )
 
+# every test: no fd, map or program of its own left behind
+pytestmark = pytest.mark.usefixtures("no_leaks")
+
 FAMILIES = [socket.AF_INET, socket.AF_INET6]
 TYPES = [socket.SOCK_STREAM, socket.SOCK_DGRAM]
 N = 40  # connections per CPU
