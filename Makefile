@@ -13,14 +13,21 @@ PYTEST_ARGS ?=
 
 .PHONY: setup apt venv test lint demo bench vm-test clean
 
+# Install the Debian packages of $(1) that are missing (apt-get update only then);
+# apt's output goes to .build/apt.log and its tail is shown when it fails.
+define apt_install
+@missing=$$(for p in $(1); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+if [ -n "$$missing" ]; then \
+  echo "setup: installing Debian packages:" $$missing; mkdir -p .build; \
+  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; } >.build/apt.log 2>&1 \
+    || { tail -20 .build/apt.log; echo "setup: apt-get failed (log: .build/apt.log)"; exit 1; }; \
+fi
+endef
+
 setup: apt venv
 
 apt:
-	@missing=$$(for p in $(APT_PKGS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
-	if [ -n "$$missing" ]; then \
-	  echo "setup: installing Debian packages:" $$missing; \
-	  apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; \
-	fi
+	$(call apt_install,$(APT_PKGS))
 
 venv: $(STAMP)
 
@@ -47,11 +54,7 @@ clean:
 # vm/run.sh exits with the guest's pytest status (make shows it as "Error N").
 # VM_* settings: see vm/run.sh.
 vm-test: setup
-	@missing=$$(for p in $(VM_PKGS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
-	if [ -n "$$missing" ]; then \
-	  echo "vm-test: installing Debian packages:" $$missing; \
-	  apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; \
-	fi
+	$(call apt_install,$(VM_PKGS))
 	vm/run.sh $(VENV)/bin/pytest tests/vm $(PYTEST_ARGS)
 
 # Benchmarks (issue 5): numareuse against baselines measured in the same run
