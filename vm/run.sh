@@ -9,7 +9,9 @@
 # Exit status: the command's own (through qemu's isa-debug-exit device);
 # 124 when the guest timed out, 125 when the guest could not run it.
 # Environment: VM_NODES (the NUMA layout, CPU lists per node, default
-# "0-1;2-3"; 1 GiB of memory per node), VM_TIMEOUT (s, default 900), VM_ACCEL
+# "0-1;2-3"; 1 GiB of memory per node; an empty list is a node with memory
+# only), VM_SMP (extra -smp properties, e.g. "sockets=2,cores=2" for one
+# last-level cache per socket), VM_TIMEOUT (s, default 900), VM_ACCEL
 # (tcg | kvm, default tcg: the nested /dev/kvm of this machine kind cannot
 # boot Debian's kernel), VM_KERNEL (a release such as 6.1.0-56-amd64; default:
 # what the installed linux-image-amd64 depends on), VM_VERBOSE=1 (the
@@ -22,6 +24,7 @@ cache=$repo/.build/vm
 timeout_s=${VM_TIMEOUT:-900}
 nodes=${VM_NODES:-0-1;2-3}
 accel=${VM_ACCEL:-tcg}
+smp=${VM_SMP:-}
 start=${EPOCHREALTIME/./}
 
 elapsed() { # seconds since start, one decimal
@@ -126,14 +129,16 @@ printf '%s\n' "${load[@]}" >"$root/modules.load"
 say "initramfs $(du -k "$initrd" | cut -f1) KiB: busybox, vm/init, modules: ${load[*]%.ko}"
 
 # -- the NUMA layout: one memory backend and one -numa node per VM_NODES entry
+# An empty entry is a node with memory and no CPUs (as CXL memory): "0-1;;2-3", "0-1;2-3;".
 numa=() ncpus=0 node=0
-IFS=';' read -ra node_cpus <<<"$nodes"
+IFS=';' read -ra node_cpus <<<"$nodes;" # the extra ';' keeps a trailing empty entry
 for cpus in "${node_cpus[@]}"; do
-	[[ $cpus =~ ^[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*$ ]] || die "VM_NODES=$nodes: expected CPU lists such as 0-1;2-3"
-	numa+=(-object "memory-backend-ram,id=m$node,size=1G" -numa "node,nodeid=$node,cpus=${cpus//,/,cpus=},memdev=m$node")
+	[[ $cpus =~ ^([0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*)?$ ]] || die "VM_NODES=$nodes: expected CPU lists such as 0-1;2-3"
+	numa+=(-object "memory-backend-ram,id=m$node,size=1G" -numa "node,nodeid=$node${cpus:+,cpus=${cpus//,/,cpus=}},memdev=m$node")
 	for c in ${cpus//[,-]/ }; do ((c < ncpus)) || ncpus=$((c + 1)); done
 	node=$((node + 1))
 done
+((ncpus > 0)) || die "VM_NODES=$nodes: no node has CPUs"
 
 # -- the command and the environment it gets, as a shell script on the kernel command line
 if [ $# -eq 0 ]; then
@@ -163,7 +168,7 @@ kvm) accel_opts=(-accel kvm -cpu host) ;;
 esac
 qemu=(
 	qemu-system-x86_64 -nodefaults -no-user-config -nographic -no-reboot
-	-machine pc "${accel_opts[@]}" -smp "$ncpus" -m "${node}G" "${numa[@]}"
+	-machine pc "${accel_opts[@]}" -smp "$ncpus${smp:+,$smp}" -m "${node}G" "${numa[@]}"
 	-kernel "$kernel" -initrd "$initrd" -append "$cmdline"
 	-fsdev local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap
 	-device virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot
