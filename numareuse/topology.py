@@ -46,6 +46,17 @@ def numa_nodes() -> dict[int, list[int]]:
     return dict(sorted(nodes.items()))
 
 
+def offline_cpu_nodes() -> dict[int, int]:
+    """Offline CPU -> its node: sysfs keeps cpuN/nodeM while a present CPU is offline."""
+    online = set(online_cpus())
+    out = {}
+    for path in glob.glob(f"{SYS}/devices/system/cpu/cpu[0-9]*/node[0-9]*"):
+        m = re.search(r"cpu(\d+)/node(\d+)$", path)
+        if m and int(m.group(1)) not in online:
+            out[int(m.group(1))] = int(m.group(2))
+    return out
+
+
 def llc_groups() -> list[list[int]]:
     """Groups of online CPUs sharing their highest-level cache, ordered by first CPU."""
     groups: dict[tuple[int, ...], None] = {}
@@ -112,6 +123,10 @@ def parse(spec: str) -> Topology:
     spec = spec.strip()
     if spec == "numa":
         nodes = numa_nodes()
+        # A CPU offline now (hot-unplugged, SMT switched off) stays in its node's domain: the
+        # cpu -> domain map is written once, and its packets must stay local when it is back.
+        for cpu, node in offline_cpu_nodes().items():
+            nodes[node] = sorted({*nodes.get(node, []), cpu})
         groups = [nodes.get(n, []) for n in range(max(n for n, c in nodes.items() if c) + 1)]
         return _from_groups(spec, groups)
     if spec == "llc":
