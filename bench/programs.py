@@ -51,6 +51,49 @@ class Baselines:
         self.minimal_fd = self.noop_fd = self.map_fd = -1
 
 
+class NodeMinimal:
+    """minimal_numa_select from minimal_numa.bpf.c: sockarray index = bpf_get_numa_node_id().
+
+    The upstream selftest's idea on real NUMA nodes: slot n holds the one
+    socket of node n (a socket fits in one slot only, so a node gets one
+    socket however many workers it has). Close with :meth:`close`.
+    """
+
+    def __init__(self, nnodes: int):
+        self.nnodes = nnodes
+        self.map_fd = _sys.map_create(_sys.BPF_MAP_TYPE_REUSEPORT_SOCKARRAY, 4, 8, nnodes, "bench_node_min")
+        self.prog_fd = -1
+        try:
+            ensure_kernel_source()
+            from bcc import BPF
+
+            src = Path(__file__).with_name("minimal_numa.bpf.c").read_text()
+            b = BPF(text=src.encode(), cflags=[f"-DSOCKARRAY_FD={self.map_fd}"])
+            try:
+                self.prog_fd = os.dup(b.load_func(b"minimal_numa_select", _sys.BPF_PROG_TYPE_SK_REUSEPORT).fd)
+            finally:
+                b.cleanup()
+        except BaseException:
+            self.close()
+            raise
+
+    def place(self, node: int, sock) -> None:
+        """Make ``sock`` the one socket selected for packets processed on a CPU of ``node``."""
+        _sys.map_update(self.map_fd, node, struct.pack("=Q", sock.fileno()))
+
+    def clear(self) -> None:
+        """Empty every slot (a socket may sit in one sockarray slot only: free them for the next group)."""
+        for node in range(self.nnodes):
+            _sys.map_delete(self.map_fd, struct.pack("=I", node))
+
+    def close(self) -> None:
+        for fd in (self.prog_fd, self.map_fd):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.prog_fd = self.map_fd = -1
+
+
 @contextlib.contextmanager
 def bpf_stats():
     """kernel.bpf_stats_enabled=1 for the block, then the old value again (even on error or SIGTERM)."""
