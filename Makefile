@@ -11,7 +11,7 @@ APT_PKGS := python3-bpfcc libbpfcc bpfcc-tools linux-headers-amd64 bpftool \
 VM_PKGS := qemu-system-x86 linux-image-amd64 busybox-static cpio
 PYTEST_ARGS ?=
 
-.PHONY: setup apt venv test lint demo bench vm-test clean
+.PHONY: setup apt venv test lint demo bench vm-test vm-bench vm-topology-test clean
 
 # Install the Debian packages of $(1) that are missing (apt-get update only then);
 # apt's output goes to .build/apt.log and its tail is shown when it fails.
@@ -70,3 +70,31 @@ bench: setup
 # even on Ctrl-C. DEMO_ARGS="--duration 8" for longer runs.
 demo: setup
 	$(PY) -m numareuse.demo $(DEMO_ARGS)
+
+# Locality on real NUMA nodes (issue 7): qemu guests with 2 nodes x 2 CPUs and
+# 4 nodes x 2 CPUs; one and two workers per node (and two, the first of each
+# node exited) under the kernel's hash, SO_INCOMING_CPU, the selftest-style
+# program and numareuse. Prints a markdown table of locality shares and
+# ratios (emulated CPUs: no times) and writes bench/vm-results.json (not
+# committed, like bench/results.json). About 1.5 min here.
+# VM_BENCH_ARGS="--per-cpu 100 --layouts 2x2" for a shorter run.
+vm-bench: setup
+	$(call apt_install,$(VM_PKGS))
+	$(PY) -m bench.vm_run $(VM_BENCH_ARGS)
+
+# tests/vm on NUMA layouts other than vm-test's (issue 7), one guest each:
+# interleaved CPU numbers, a node with memory only, two last-level caches in
+# one node (CPU offline/online runs in every guest). About 2 min here. Every
+# guest runs; the status is the first failing guest's.
+vm-topology-test: setup
+	$(call apt_install,$(VM_PKGS))
+	@rc=0; \
+	guest() { \
+	  echo "vm-topology-test: $$1: VM_NODES='$$2' VM_SMP='$$3'"; \
+	  VM_NODES="$$2" VM_SMP="$$3" NUMAREUSE_VM_LLC="$$4" vm/run.sh $(VENV)/bin/pytest tests/vm $(PYTEST_ARGS) \
+	    || { s=$$?; echo "vm-topology-test: $$1 FAILED (status $$s)"; [ $$rc != 0 ] || rc=$$s; }; \
+	}; \
+	guest interleaved '0,2;1,3' '' ''; \
+	guest memory-only '0-1;;2-3' '' ''; \
+	guest llc '0-3;4-5' 'sockets=3,cores=2' '0-1;2-3;4-5'; \
+	exit $$rc

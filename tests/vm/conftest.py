@@ -45,9 +45,16 @@ def _numa_machine(nodes):
 
 @pytest.fixture(scope="session")
 def expected_nodes() -> list[list[int]] | None:
-    """The layout the guest was booted with (NUMAREUSE_VM_NODES), or None when not told."""
+    """CPU lists of the nodes with CPUs, as Linux numbers the layout the guest was booted with.
+
+    NUMAREUSE_VM_NODES is in qemu's node order and may name memory-only nodes
+    (empty lists); Linux numbers the nodes with CPUs first, in the order of
+    their first CPU (ACPI's SRAT lists processors before memory). None when not told.
+    """
     spec = os.environ.get("NUMAREUSE_VM_NODES")
-    return [_sys.parse_cpulist(part) for part in spec.split(";")] if spec else None
+    if not spec:
+        return None
+    return sorted((cpus for cpus in map(_sys.parse_cpulist, spec.split(";")) if cpus), key=min)
 
 
 @pytest.fixture(scope="module")
