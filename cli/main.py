@@ -320,7 +320,12 @@ def topology_cmd(as_json):
     def human(r):
         click.echo("NUMA nodes:")
         for n in r["nodes"]:
-            cpus = _cpulist(n["cpus"]) if n["cpus"] else "none (memory only, not a domain)"
+            if n["memory_only"]:
+                cpus = "none (memory only, not a domain)"
+            else:
+                cpus = _cpulist(n["cpus"]) or "none online"
+                if n.get("offline_cpus"):
+                    cpus += f" (offline: {_cpulist(n['offline_cpus'])}, kept in the domain)"
             click.echo(f"  node {n['node']}: cpus {cpus}")
         click.echo("Last-level cache groups:")
         for i, g in enumerate(r["llc_groups"]):

@@ -244,12 +244,18 @@ def interfaces() -> list[dict]:
 def report() -> dict:
     """Everything ``numareuse topology`` shows."""
     nodes = numa_nodes()
+    offline: dict[int, list[int]] = {}
+    for cpu, node in sorted(offline_cpu_nodes().items()):
+        offline.setdefault(node, []).append(cpu)
     llc = llc_groups()
     llc_of = {c: i for i, g in enumerate(llc) for c in g}
     node_of = {c: n for n, cpus in nodes.items() for c in cpus}
     return {
         "cpus": [{"cpu": c, "node": node_of.get(c), "llc": llc_of.get(c)} for c in online_cpus()],
-        "nodes": [{"node": n, "cpus": cpus, "memory_only": not cpus} for n, cpus in nodes.items()],
+        "nodes": [
+            {"node": n, "cpus": cpus, "offline_cpus": offline.get(n, []), "memory_only": not cpus and n not in offline}
+            for n, cpus in nodes.items()
+        ],
         "llc_groups": llc,
         "interfaces": interfaces(),
     }

@@ -17,15 +17,22 @@ from numareuse import DomainSpecError, topology
 
 
 def fake_tree(root, nodes: dict[int, str], online: str, irqs: dict[int, tuple[str, str]], rxq: int = 0):
-    """nodes: id -> cpulist; irqs: irq -> (name, affinity cpulist) of eth0's device; rxq: its RX queues."""
+    """nodes: id -> every CPU of the node (the kernel's node cpulist then shows the online ones);
+    irqs: irq -> (name, affinity cpulist) of eth0's device; rxq: its RX queues."""
+    from numareuse._sys import parse_cpulist
+
     sysd, procd = root / "sys", root / "proc"
     procd.mkdir()
     (sysd / "devices/system/cpu").mkdir(parents=True)
     (sysd / "devices/system/cpu/online").write_text(online + "\n")
+    up = set(parse_cpulist(online))
     for n, cpus in nodes.items():
         d = sysd / f"devices/system/node/node{n}"
         d.mkdir(parents=True)
-        (d / "cpulist").write_text(cpus + "\n")
+        (d / "cpulist").write_text(",".join(str(c) for c in parse_cpulist(cpus) if c in up) + "\n")
+        for c in parse_cpulist(cpus):  # sysfs keeps cpuN/nodeM, offline CPUs included
+            (sysd / f"devices/system/cpu/cpu{c}").mkdir(exist_ok=True)
+            os.symlink(d, sysd / f"devices/system/cpu/cpu{c}/node{n}")
     dev = sysd / "devices/pci0000:00/0000:00:04.0"
     (dev / "msi_irqs").mkdir(parents=True)
     net = sysd / "class/net/eth0"
@@ -61,6 +68,7 @@ def test_interleaved_nodes_and_a_memory_only_node(fake):
     assert t.cpu_domain == {0: 0, 2: 0, 1: 1, 3: 1}
     rep = topology.report()
     assert {n["node"]: n["memory_only"] for n in rep["nodes"]} == {0: False, 1: False, 2: True}
+    assert "node 2: cpus none (memory only, not a domain)" in CliRunner().invoke(main, ["topology"]).stdout
 
 
 def test_memory_only_node_in_the_middle_keeps_node_ids(fake):
@@ -69,12 +77,19 @@ def test_memory_only_node_in_the_middle_keeps_node_ids(fake):
     assert t.domains == ((0, 1), (), (2, 3)) and not t.valid(1) and t.valid(2)
 
 
-def test_offline_cpus_are_in_no_domain(fake):
-    fake(nodes={0: "0-1", 1: "2-3"}, online="0-2", irqs={})
+def test_offline_cpu_stays_in_its_nodes_domain(fake):
+    """The cpu -> domain map is written once: a CPU offline now must be local when it is back."""
+    fake(nodes={0: "0-1", 1: "2-3", 2: "4"}, online="0-2", irqs={})
     t = topology.parse("numa")
-    assert t.domains == ((0, 1), (2,))
+    assert t.domains == ((0, 1), (2, 3), (4,)) and t.cpu_domain[3] == 1
+    assert topology.parse("cpu").domains == ((0,), (1,), (2,))  # explicit kinds take online CPUs only
     with pytest.raises(DomainSpecError, match="not online"):
         topology.parse("0-1;3")
+    nodes = {n["node"]: n for n in topology.report()["nodes"]}
+    assert (nodes[1]["cpus"], nodes[1]["offline_cpus"], nodes[1]["memory_only"]) == ([2], [3], False)
+    assert (nodes[2]["cpus"], nodes[2]["offline_cpus"], nodes[2]["memory_only"]) == ([], [4], False)
+    out = CliRunner().invoke(main, ["topology"]).stdout
+    assert "node 1: cpus 2 (offline: 3, kept in the domain)" in out and "node 2: cpus none online" in out
 
 
 def test_rx_queue_irq_spanning_nodes_is_warned(fake):

@@ -41,7 +41,12 @@ def test_each_node_served_by_its_own_sockets(sel, nodes, group, family, type_):
             assert sum(local) == N, f"client on CPU {cpu} (node {node}): {got}"
             assert all(local), f"client on CPU {cpu}: both of node {node}'s sockets should get some: {got}"
     total = N * sum(len(c) for c in nodes.values())
-    assert stats_since(sel, before) == {"local": total, "wildcard": 0, "fallback": 0, "empty_skipped": 0}
+    st = stats_since(sel, before)
+    # the drains above prove the exact placement; the counters prove no other outcome. Under
+    # emulation a SYN can be sent again (its timer fires before the first is processed) and
+    # run the program once more: local may exceed the connections, never the other outcomes
+    assert (st["wildcard"], st["fallback"], st["empty_skipped"]) == (0, 0, 0), st
+    assert total <= st["local"] <= total + total // 20, st
 
 
 def test_node_without_sockets_falls_back_to_the_wildcard(sel, nodes, group):
@@ -64,7 +69,9 @@ def test_node_without_sockets_falls_back_to_the_wildcard(sel, nodes, group):
         got = drain(socks)
         assert sum(got[PER_NODE:]) == N and all(got[PER_NODE:]), f"CPU {cpu}, a node with no socket: {got}"
     st = stats_since(sel, before)
-    assert (st["local"], st["wildcard"], st["fallback"]) == (N * len(nodes[first]), N * len(far), 0)
+    assert st["fallback"] == 0 and st["local"] >= N * len(nodes[first]) and st["wildcard"] >= N * len(far), st
+    # (a SYN sent again under emulation runs the program once more: see above)
+    assert st["local"] + st["wildcard"] <= N * (len(nodes[first]) + len(far)) * 21 // 20, st
 
 
 def test_register_current_from_each_node(sel, nodes, group):
