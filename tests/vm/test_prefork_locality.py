@@ -50,5 +50,8 @@ def test_workers_on_every_node_serve_only_their_node(nodes, prefork):
         )
     srv.stop()
     stats = srv.wait_for(r"^stats local=(\d+) wildcard=(\d+) fallback=(\d+)")
-    assert tuple(map(int, stats.groups())) == (N * len(node_of), 0, 0)
+    local, wildcard, fallback = map(int, stats.groups())
+    # every request above was answered on its node; a SYN sent again under emulation may
+    # run the program once more (local > requests), never take another outcome
+    assert (wildcard, fallback) == (0, 0) and N * len(node_of) <= local <= N * len(node_of) * 21 // 20
     srv.wait_for(r"^stopped detached=yes")
