@@ -163,6 +163,9 @@ def _listener(family: int, host: str, port: int, backlog: int) -> socket.socket:
 # -- worker ----------------------------------------------------------------
 
 
+MAX_BODY = 1 << 20  # a body is read and ignored; past this the request is refused
+
+
 class _BadRequest(Exception):
     def __init__(self, status: str):
         self.status = status
@@ -191,10 +194,12 @@ def _parse_request(buf: bytes):
         headers[k.strip().lower()] = v.strip().lower()
     if b"transfer-encoding" in headers:
         raise _BadRequest("501 Not Implemented")
-    try:
-        length = int(headers.get(b"content-length", b"0"))
-    except ValueError:
-        raise _BadRequest("400 Bad Request") from None
+    cl = headers.get(b"content-length", b"0")
+    if not cl.isdigit():  # int() would take "-48" (a request that never ends), "+5", "1_0"
+        raise _BadRequest("400 Bad Request")
+    length = int(cl)
+    if length > MAX_BODY:
+        raise _BadRequest("413 Content Too Large")
     total = end + 4 + length
     if len(buf) < total:
         return None
@@ -310,6 +315,8 @@ class _Worker:
             c.sock.close()
 
         def flush(c: _Conn) -> None:
+            if c.sock.fileno() == -1:  # closed earlier in this batch of events
+                return
             try:
                 if c.outbuf:
                     c.outbuf = c.outbuf[c.sock.send(c.outbuf) :]
@@ -326,6 +333,8 @@ class _Worker:
                 poll.modify(c.sock, selectors.EVENT_READ, c)
 
         def on_read(c: _Conn) -> None:
+            if c.sock.fileno() == -1:  # closed earlier in this batch of events
+                return
             try:
                 data = c.sock.recv(65536)
             except BlockingIOError:
@@ -361,7 +370,8 @@ class _Worker:
                     sigs = os.read(sigr, 512)
                     if deadline is None and {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT} & set(sigs):
                         # stop accepting: what queues on our socket now waits for our replacement
-                        poll.unregister(self.sock)
+                        with contextlib.suppress(KeyError, ValueError):  # gone if the master shut it
+                            poll.unregister(self.sock)
                         deadline = time.monotonic() + DRAIN_SECONDS
                         for c in list(conns.values()):
                             if c.served and not c.inbuf and not c.outbuf:
@@ -377,6 +387,10 @@ class _Worker:
                                 continue
                             if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                                 break  # leave it queued; retry on the next wakeup
+                            if e.errno == errno.EINVAL:  # the master shut the listener: stopping
+                                with contextlib.suppress(KeyError, ValueError):
+                                    poll.unregister(self.sock)
+                                break
                             raise
                         s.setblocking(False)
                         c = _Conn(s)
@@ -506,6 +520,7 @@ class Master:
         if pid == 0:
             self._child(slot, theirs, mine)  # never returns
         theirs.close()
+        mine.setblocking(False)  # a worker that never reads its replies must not block the master
         slot.pid, slot.ctl, slot.started, slot.ready, slot.respawn_at = pid, mine, time.monotonic(), False, None
         self.poll.register(mine, selectors.EVENT_READ, slot)
 
@@ -551,8 +566,17 @@ class Master:
             slot.ctl.close()
             slot.ctl = None
             return
-        msg = json.loads(raw)
-        op = msg.get("op")
+        try:
+            self._handle(slot, json.loads(raw))
+        except (ValueError, TypeError, KeyError, AttributeError, OSError) as e:
+            # the master serves every worker: one that sends garbage (or never reads its
+            # replies) is killed and replaced, never allowed to stop the master
+            _log(f"worker {slot.index} pid={slot.pid}: bad control message ({type(e).__name__}); killing it")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(slot.pid, signal.SIGKILL)
+
+    def _handle(self, slot: _Slot, msg) -> None:
+        op = msg.get("op")  # AttributeError for a message that is not an object: caught above
         if op == "register":
             slot.ctl.send(json.dumps(self._register_for(slot, msg.get("domain"))).encode())
         elif op == "ready":
@@ -617,6 +641,16 @@ class Master:
         for s in live:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(s.pid, signal.SIGTERM)
+        # detach while the group exists (shutting its last listener below frees it)
+        if self.sel is not None:
+            st = self.sel.stats()
+            _log("stats " + " ".join(f"{k}={v}" for k, v in st.items()))
+        detached = self.sel is not None and self.sel.detach()
+        for s in self.slots:
+            # stop listening now: a new client is refused at once (and can retry elsewhere)
+            # instead of being queued for a worker that drains and then reset seconds later
+            with contextlib.suppress(OSError):
+                s.sock.shutdown(socket.SHUT_RD)
         deadline = time.monotonic() + DRAIN_SECONDS + 1
         while any(s.pid for s in self.slots):
             self._reap()
@@ -627,10 +661,6 @@ class Master:
                             os.kill(s.pid, signal.SIGKILL)
                 deadline = float("inf")
             time.sleep(0.01)
-        if self.sel is not None:
-            st = self.sel.stats()
-            _log("stats " + " ".join(f"{k}={v}" for k, v in st.items()))
-        detached = self.sel is not None and self.sel.detach()
         self._close()
         _log(f"stopped detached={'yes' if detached else 'no'}")
 

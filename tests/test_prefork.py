@@ -256,3 +256,75 @@ def test_bad_user_fails_with_one_line(kernel):
     )
     assert p.returncode == 1
     assert p.stderr.strip() == "Error: prefork: no such user 'no-such-user-here'"
+
+
+def _control_fd_of(worker_pid: int) -> socket.socket:
+    """A duplicate of a worker's end of its control socketpair (as a hostile worker holds it)."""
+    for fd in os.listdir(f"/proc/{worker_pid}/fd"):
+        dup = _sys.pidfd_getfd(worker_pid, int(fd))
+        try:
+            s = socket.socket(fileno=dup)
+        except OSError:
+            os.close(dup)
+            continue
+        if s.family == socket.AF_UNIX and s.type == socket.SOCK_SEQPACKET:
+            return s
+        s.close()
+    raise AssertionError(f"no control socket in worker {worker_pid}")
+
+
+@pytest.mark.parametrize("flood", [False, True], ids=["garbage", "unread-replies"])
+def test_a_hostile_worker_is_killed_not_obeyed(server, flood):
+    """A worker (maybe unprivileged, maybe compromised) cannot crash or block the master."""
+    srv = server("--workers", "2", "--domains", "cpu", "--affinity", "auto")
+    ctl = _control_fd_of(srv.workers[0])
+    ctl.setblocking(False)
+    try:
+        if flood:  # register requests whose replies nobody reads: the master's queue fills
+            with contextlib.suppress(BlockingIOError, ConnectionError):
+                for _ in range(5000):
+                    ctl.send(b'{"op": "register", "domain": 0}')
+        else:
+            for msg in (b"not json", b"[]", b'{"op": "ready"}'):
+                with contextlib.suppress(ConnectionError):
+                    ctl.send(msg)
+    finally:
+        ctl.close()
+    srv.wait_for(r"bad control message .*; killing it")
+    srv.wait_for(r"^worker 0 pid=\d+ exited .*restarting")
+    m = srv.wait_for(r"^worker 0 pid=(\d+) cpus", start=len(srv.lines) - 1, timeout=20)
+    assert int(m.group(1)) != srv.workers[0]
+    assert {a["index"] for a in answers(0, srv, 10)} == {0}  # the replacement serves
+    assert {a["index"] for a in answers(1, srv, 10)} == {1}  # and the master never stopped
+
+
+def test_negative_content_length_is_refused(server):
+    srv = server("--workers", "1", "--domains", "cpu", "--affinity", "auto")
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as c:
+        c.sendall(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: -48\r\n\r\n")
+        assert read_response_status(c) == "400"
+    assert http_get("127.0.0.1", srv.port)["index"] == 0  # the worker is not spinning
+
+
+def read_response_status(c: socket.socket) -> str:
+    data = b""
+    while chunk := c.recv(4096):
+        data += chunk
+    return data.split(b" ", 2)[1].decode()
+
+
+def test_stop_refuses_new_connections_at_once(server):
+    """During a graceful stop a new client is refused, not accepted and reset seconds later."""
+    srv = server("--workers", "1", "--domains", "cpu", "--affinity", "auto")
+    # a request half sent keeps its worker draining (it waits for the rest, up to 5 s)
+    idle = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+    idle.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n")
+    time.sleep(0.2)
+    srv.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)  # the master acts on it at once; its worker drains for up to 5 s
+    t0 = time.monotonic()
+    with pytest.raises(ConnectionRefusedError):
+        http_get("127.0.0.1", srv.port)
+    assert time.monotonic() - t0 < 1
+    idle.close()
+    assert srv.proc.wait(15) == 0
