@@ -59,6 +59,10 @@ moddir=/lib/modules/$release
 mkdir -p "$cache"
 build=$(mktemp -d "$cache/run.XXXXXX") # this run's initramfs and status: runs may overlap
 trap 'rm -rf "$build"' EXIT
+# a TERM or HUP to this script (a cancelled CI job, a killed make) must stop qemu
+# too, or it keeps 2 GiB and a CPU until VM_TIMEOUT
+qemu_pid=
+trap '[ -z "$qemu_pid" ] || kill -TERM "$qemu_pid" 2>/dev/null; exit 143' TERM HUP
 
 # -- the uncompressed kernel: TCG decompresses a bzImage ~3 s slower than it
 # boots the ELF vmlinux inside it (qemu starts it through its PVH entry note)
@@ -186,7 +190,9 @@ status_file=$build/status
 rm -f "$status_file"
 set +e
 # --foreground: a ^C reaches qemu, which then stops
-timeout --foreground -k 10 "$timeout_s" "${qemu[@]}" </dev/null 2>&1 | while IFS= read -r line; do
+exec 3< <(exec timeout --foreground -k 10 "$timeout_s" "${qemu[@]}" </dev/null 2>&1)
+qemu_pid=$! # timeout's pid: it passes a TERM on to qemu
+while IFS= read -r line <&3; do
 	line=${line%$'\r'}
 	case $line in
 	vm-guest:*)
@@ -197,7 +203,10 @@ timeout --foreground -k 10 "$timeout_s" "${qemu[@]}" </dev/null 2>&1 | while IFS
 	*) printf '%s\n' "$line" ;;
 	esac
 done
-rc=${PIPESTATUS[0]}
+wait "$qemu_pid"
+rc=$?
+qemu_pid=
+exec 3<&-
 set -e
 reported=$(cat "$status_file" 2>/dev/null || true)
 if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
