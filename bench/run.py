@@ -30,6 +30,7 @@ from pathlib import Path
 
 from numareuse import Selector, Topology, _sys
 
+from . import git_commit
 from . import workload as wl
 from .programs import Baselines, bpf_stats, memlock, rss_kib, run_stats
 
@@ -628,14 +629,6 @@ def markdown(rows) -> str:
         met = "—" if r["met"] is None else ("yes" if r["met"] else "**no**")
         out.append(f"| {r['metric']} | {r['value']} | {r['target']} | {met} |")
     return "\n".join(out)
-
-
-def git_commit() -> str | None:
-    try:
-        r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True)
-    except OSError:
-        return None
-    return r.stdout.strip() or None
 
 
 def main(argv=None) -> int:

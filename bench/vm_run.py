@@ -45,6 +45,8 @@ import sys
 import time
 from pathlib import Path
 
+from . import git_commit
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 T0 = time.monotonic()
@@ -270,14 +272,6 @@ def markdown(layouts: dict) -> str:
             workers = f"{k}/node" + (", then the first of each node exits" if exited else "")
             out.append(f"| {nn} nodes x {per} CPUs | {workers} | " + " | ".join(cells) + f" | {ratios} |")
     return "\n".join(out)
-
-
-def git_commit() -> str | None:
-    try:
-        r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    except OSError:
-        return None
-    return r.stdout.strip() or None
 
 
 def host(args) -> int:

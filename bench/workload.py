@@ -17,6 +17,8 @@ import socket
 import struct
 import time
 
+from numareuse.topology import pinned  # noqa: F401  (the benchmarks call wl.pinned)
+
 HOST = "127.0.0.1"
 BACKLOG = 1024
 LINGER_RST = struct.pack("ii", 1, 0)  # close() sends RST: no TIME_WAIT on either side
@@ -42,17 +44,6 @@ def close_all(socks) -> None:
     for s in socks:
         with contextlib.suppress(OSError):
             s.close()
-
-
-@contextlib.contextmanager
-def pinned(cpu: int):
-    """Run the block on one CPU (this thread): its SYNs are processed on that CPU."""
-    old = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {cpu})
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, old)
 
 
 def _rst_close(s: socket.socket) -> None:

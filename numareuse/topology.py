@@ -10,6 +10,7 @@ its own domain (domain id = CPU id), and an explicit spec such as
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import re
@@ -150,6 +151,21 @@ def parse(spec: str) -> Topology:
             raise DomainSpecError(f"domain spec {spec!r} names CPUs that are not online: {offline}")
         groups.append(cpus)
     return _from_groups(spec, groups)
+
+
+@contextlib.contextmanager
+def pinned(cpu: int):
+    """Run the block on one CPU (this thread), then restore the affinity.
+
+    A client pinned this way has its loopback SYNs processed on that CPU: how
+    tests, benchmarks and the demo steer deterministically on any machine.
+    """
+    old = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, old)
 
 
 def current_domain(topo: Topology) -> int | None:

@@ -7,7 +7,6 @@ that CI cannot pass by skipping the core.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import time
@@ -15,6 +14,7 @@ import time
 import pytest
 
 from numareuse import _sys
+from numareuse.topology import pinned  # noqa: F401  (tests import it from here)
 
 REQUIRE_KERNEL = os.environ.get("NUMAREUSE_REQUIRE_KERNEL") == "1"
 
@@ -84,17 +84,6 @@ def group():
     yield make
     for s in made:
         s.close()
-
-
-@contextlib.contextmanager
-def pinned(cpu: int):
-    """Run the block on one CPU: over loopback the SYN is then processed on that CPU."""
-    old = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {cpu})
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, old)
 
 
 def connect_from(cpu: int, family, port: int, n: int, type=socket.SOCK_STREAM) -> int:
