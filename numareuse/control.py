@@ -129,9 +129,8 @@ def _update(store: Store, group, socks, topo, capacity, progress) -> dict:
             report = _fresh(store, group, socks, topo, capacity, progress, replacing=old)
             report["action"] = "replaced"
             return report
-        old.use_group(socks[0].fd)
         for s in socks:
-            old.use_group(s.fd)  # let compaction move any of them
+            old.use_group(s.fd)  # the group, and every socket compaction may move
         have = {r["cookie"]: r["domain"] for r in old.registrations() if r["live"]}
         changes = []
         for s in socks:

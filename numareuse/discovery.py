@@ -52,15 +52,6 @@ class GroupSocket:
         }
 
 
-def _inode(pid: int, fd: int) -> int | None:
-    try:
-        link = os.readlink(f"/proc/{pid}/fd/{fd}")
-    except OSError:
-        return None
-    m = re.fullmatch(r"socket:\[(\d+)\]", link)
-    return int(m.group(1)) if m else None
-
-
 def polled_inodes(pid: int) -> set[int]:
     """Inodes of the files this process's epoll instances watch."""
     out: set[int] = set()
@@ -186,17 +177,13 @@ def _duplicate(s: GroupSocket) -> None:
         except OSError as e:  # gone (ESRCH) or fd closed (EBADF): try another holder
             last = e
             continue
-        if _inode_of_fd(s.fd) == s.inode:
+        if os.fstat(s.fd).st_ino == s.inode:
             return
         os.close(s.fd)  # the fd number was reused for something else
         s.fd = -1
     if last is not None and last.errno in (1, 13):
         raise from_oserror(last, f"taking a duplicate of pid {s.holders[0].pid}'s socket (pidfd_getfd)")
     raise ProcessGone(f"pid {', '.join(str(h.pid) for h in s.holders)} exited or closed its socket during attach")
-
-
-def _inode_of_fd(fd: int) -> int:
-    return os.fstat(fd).st_ino
 
 
 def _assign_owners(socks: list[GroupSocket]) -> None:
@@ -235,7 +222,3 @@ def close_all(socks: list[GroupSocket]) -> None:
         if s.fd >= 0:
             os.close(s.fd)
             s.fd = -1
-
-
-def family_of(ipv6: bool) -> int:
-    return socket.AF_INET6 if ipv6 else socket.AF_INET

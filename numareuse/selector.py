@@ -402,6 +402,7 @@ class Selector:
             )
         return domain, domain
 
+    @wrap("registering the socket")
     def register(self, sock, domain: int = CURRENT) -> int:
         """Steer connections of ``domain`` to ``sock``; returns the domain used.
 
@@ -414,34 +415,29 @@ class Selector:
         """
         region, resolved = self._region(domain)
         fd, cookie = self._member(sock)
-        try:
-            with self._lock():
-                cur = self._slot_of(cookie)
-                if cur is not None and cur // self.capacity == region and self._slot_live(cur, cookie):
-                    self._sock_fds[cookie] = fd
-                    return resolved
-                if cur is not None:
-                    self._need_room(region)  # a failed move must leave the socket where it was
-                    self._vacate(cur, cookie)
-                    self._compact(cur // self.capacity)
+        with self._lock():
+            cur = self._slot_of(cookie)
+            if cur is not None and cur // self.capacity == region and self._slot_live(cur, cookie):
                 self._sock_fds[cookie] = fd
-                self._insert(region, fd, cookie)
-        except OSError as e:
-            raise from_oserror(e, "registering the socket") from e
-        return resolved
-
-    def unregister(self, sock) -> bool:
-        """Take ``sock`` out of its region. Returns False when it was not registered."""
-        fd, cookie = self._member(sock)
-        try:
-            with self._lock():
-                cur = self._slot_of(cookie)
-                if cur is None:
-                    return False
+                return resolved
+            if cur is not None:
+                self._need_room(region)  # a failed move must leave the socket where it was
                 self._vacate(cur, cookie)
                 self._compact(cur // self.capacity)
-        except OSError as e:
-            raise from_oserror(e, "unregistering the socket") from e
+            self._sock_fds[cookie] = fd
+            self._insert(region, fd, cookie)
+        return resolved
+
+    @wrap("unregistering the socket")
+    def unregister(self, sock) -> bool:
+        """Take ``sock`` out of its region. Returns False when it was not registered."""
+        _fd, cookie = self._member(sock)
+        with self._lock():
+            cur = self._slot_of(cookie)
+            if cur is None:
+                return False
+            self._vacate(cur, cookie)
+            self._compact(cur // self.capacity)
         return True
 
     @wrap("sweeping the selector's slots")
