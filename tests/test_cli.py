@@ -409,16 +409,20 @@ def test_detach_without_ptrace_rights_keeps_state(env, server, monkeypatch):
     cli("detach", "-p", srv.port)
 
 
-def test_crash_between_attach_and_commit_is_finished_later(env, server):
-    """SIGKILL after the program is attached, before its pins are renamed into place."""
-    srv = server("--workers", 2, "--cpus", "0,1")
+def attach_then_die(port: int) -> int:
+    """`attach` in a process killed after the program is attached, before its pins are renamed."""
     code = (
         "import os, sys; from numareuse import control, state;"
         "state.Store.commit = lambda *a: os._exit(9);"
         "control.attach(int(sys.argv[1]), domains='cpu')"
     )
-    r = subprocess.run([sys.executable, "-c", code, str(srv.port)], env=os.environ.copy())
-    assert r.returncode == 9
+    return subprocess.run([sys.executable, "-c", code, str(port)]).returncode
+
+
+def test_crash_between_attach_and_commit_is_finished_later(env, server):
+    """SIGKILL after the program is attached, before its pins are renamed into place."""
+    srv = server("--workers", 2, "--cpus", "0,1")
+    assert attach_then_die(srv.port) == 9
     assert set(ask(0, srv.port)) == {0}  # the orphaned program steers (and never refuses)
     assert [g for g in pinned_groups(env) if g.startswith("tmp_")]  # but it is findable
     r = cli("attach", "-p", srv.port, "-d", "cpu", "--progress", "--json")
@@ -432,12 +436,7 @@ def test_crash_between_attach_and_commit_is_finished_later(env, server):
 
 def test_detach_finds_an_orphan_from_a_crash(env, server):
     srv = server("--workers", 2, "--cpus", "0,1")
-    code = (
-        "import os, sys; from numareuse import control, state;"
-        "state.Store.commit = lambda *a: os._exit(9);"
-        "control.attach(int(sys.argv[1]), domains='cpu')"
-    )
-    assert subprocess.run([sys.executable, "-c", code, str(srv.port)]).returncode == 9
+    assert attach_then_die(srv.port) == 9
     r = cli("detach", "-p", srv.port, "--json")
     assert json.loads(r.stdout)["program_was_attached"] is True
     assert pinned_groups(env) == []
