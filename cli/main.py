@@ -56,6 +56,17 @@ def _reader() -> None:
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
 
 
+def _readable(groups):
+    """The groups whose state could be read; a line for each that could not, or for none."""
+    if not groups:
+        click.echo("no group attached in this network namespace")
+    for g in groups:
+        if "error" in g:
+            click.echo(f"{g['name']}: {g['error']}")
+        else:
+            yield g
+
+
 def _emit(data, as_json: bool, human) -> None:
     if as_json:
         click.echo(json.dumps(data, indent=2, sort_keys=True))
@@ -191,12 +202,7 @@ def status(as_json):
     _reader()
 
     def human(groups):
-        if not groups:
-            click.echo("no group attached in this network namespace")
-        for g in groups:
-            if "error" in g:
-                click.echo(f"{g['name']}: {g['error']}")
-                continue
+        for g in _readable(groups):
             click.echo(f"{g['name']}  domains={g['spec']}  program={g['program_id']}  sockets={len(g['sockets'])}")
             for s in g["sockets"]:
                 owners = ",".join(f"{o['pid']}/{o['comm']}" for o in s["owners"]) or "-"
@@ -257,12 +263,7 @@ def _print_stats(groups, as_json, prometheus, prev, dt):
     if as_json:
         click.echo(json.dumps(groups, sort_keys=True))
         return
-    if not groups:
-        click.echo("no group attached in this network namespace")
-    for g in groups:
-        if "error" in g:
-            click.echo(f"{g['name']}: {g['error']}")
-            continue
+    for g in _readable(groups):
         c = g["counters"]
         loc = "-" if g["locality"] is None else f"{100 * g['locality']:.1f}%"
         line = (
