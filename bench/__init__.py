@@ -1,5 +1,6 @@
 """Benchmarks of numareuse against baselines measured in the same run: `make bench` runs bench.run."""
 
+import json
 import os
 import subprocess
 
@@ -13,3 +14,20 @@ def git_commit() -> str | None:
     except OSError:
         return None
     return r.stdout.strip() or None
+
+
+def write_json(path: str, obj) -> None:
+    """Write a result file whole or not at all (temp file, then rename)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def join_or_kill(p, timeout: float = 10) -> None:
+    """Wait for a worker process to stop by itself, else kill it."""
+    p.join(timeout)
+    if p.is_alive():
+        p.kill()
+        p.join()

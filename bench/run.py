@@ -30,7 +30,7 @@ from pathlib import Path
 
 from numareuse import Selector, Topology, _sys
 
-from . import git_commit
+from . import git_commit, join_or_kill, write_json
 from . import workload as wl
 from .programs import Baselines, bpf_stats, memlock, rss_kib, run_stats
 
@@ -437,10 +437,7 @@ class SixteenWorkers:
     def stop(self) -> None:
         os.write(self._stop_w, b"x")
         for p, _conn in self.procs:
-            p.join(10)
-            if p.is_alive():
-                p.kill()
-                p.join()
+            join_or_kill(p)
         os.close(self._stop_r)
         os.close(self._stop_w)
 
@@ -661,11 +658,7 @@ def main(argv=None) -> int:
         "duration_s": round(time.monotonic() - T0, 1),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(res, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, args.out)
+    write_json(args.out, res)
     log(f"wrote {args.out} in {res['meta']['duration_s']} s")
     print(markdown(rows))
     return 0

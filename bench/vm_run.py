@@ -45,7 +45,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import git_commit
+from . import git_commit, write_json
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -292,11 +292,7 @@ def host(args) -> int:
             "note": "qemu TCG guests: locality shares and ratios only, no times",
         },
     }
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(res, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, args.out)
+    write_json(args.out, res)
     log(f"wrote {args.out} in {res['meta']['duration_s']} s")
     print(
         "Share of connections served by a worker of the packet's NUMA node "

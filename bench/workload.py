@@ -19,6 +19,8 @@ import time
 
 from numareuse.topology import pinned  # noqa: F401  (the benchmarks call wl.pinned)
 
+from . import join_or_kill
+
 HOST = "127.0.0.1"
 BACKLOG = 1024
 LINGER_RST = struct.pack("ii", 1, 0)  # close() sends RST: no TIME_WAIT on either side
@@ -153,10 +155,7 @@ class Server:
         for p, conn in self._procs:
             if conn.poll(10):
                 total += conn.recv()
-            p.join(10)
-            if p.is_alive():
-                p.kill()
-                p.join()
+            join_or_kill(p)
         os.close(self._stop_r)
         os.close(self._stop_w)
         return total
