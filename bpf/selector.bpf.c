@@ -1,25 +1,46 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * numareuse selector: BPF_PROG_TYPE_SK_REUSEPORT.
+ * numareuse selector: BPF_PROG_TYPE_SK_REUSEPORT, layout version 2.
  *
  * Picks the listening (TCP) or bound (UDP) socket for a new connection or
- * datagram from the region of the REUSEPORT_SOCKARRAY that belongs to the
+ * datagram from the region of a REUSEPORT_SOCKARRAY that belongs to the
  * domain of the CPU processing the packet (with NIC IRQs on NUMA-local CPUs
- * that is the receiving queue's domain), then from the wildcard region, and
- * otherwise leaves the choice to the kernel's own hash.  It never drops.
+ * that is the receiving queue's domain), then from the wildcard region, then
+ * from any region that has a socket ("remote"), and otherwise leaves the
+ * choice to the kernel's own hash.  It never drops.
+ *
+ * Loaded with expected attach type BPF_SK_REUSEPORT_SELECT_OR_MIGRATE (5.14+)
+ * it also runs when a listener closes, once per queued or in-flight
+ * connection (ctx->migrating_sk set): the connection then goes to a socket of
+ * the closing socket's own region, found through its cookie, because the CPU
+ * running the program is not the connection's (close() runs it on the
+ * closing CPU, the final ACK or the SYN-ACK timer on theirs).
+ *
+ * Inside a region, a bucket table refilled by the controller names the slot
+ * of each hash bucket, so that a socket joining or leaving a region of n
+ * moves about 1/n of the flows (UDP flows keep their socket).
  *
  * Every constant comes from numareuse/_layout.py as a -D define:
  *   NR_DOMAINS      regions 0..NR_DOMAINS-1 are domains, region NR_DOMAINS
  *                   is the wildcard
  *   CAPACITY        slots per region; slot = region * CAPACITY + index
+ *   NR_BUCKETS      buckets per region (a power of two)
  *   PROBE_MAX       how many slots a region is probed past empty ones
+ *   HAVE_MIGRATE    the kernel's sk_reuseport_md has migrating_sk (5.14+)
+ *   REGION_DRAINED  cookie_region value of a drained socket
  *   C_*             counter indexes
- *   *_FD            map fds, turned into map pointers by the loader
+ *   *_FD            map fds, patched in by the loader
  */
 #include <uapi/linux/bpf.h>
 
 #define MAP(fd) ((void *)bpf_pseudo_fd(1, fd))
 #define WILDCARD_REGION NR_DOMAINS
+
+/* cookie_region values; the controller also writes since = when it stopped steering to it */
+struct cookie_region {
+	u32 region; /* 0..NR_DOMAINS, or REGION_DRAINED */
+	u32 since;  /* CLOCK_BOOTTIME seconds, 0 while registered */
+};
 
 static __always_inline void count(u32 idx, u64 n)
 {
@@ -37,9 +58,11 @@ static __always_inline void count(u32 idx, u64 n)
  */
 static __always_inline int pick(struct sk_reuseport_md *ctx, u32 region, u32 hash, u64 *skipped)
 {
-	u32 *cnt = bpf_map_lookup_elem(MAP(REGION_COUNT_FD), &region);
-	u32 n, idx, key, i;
+	u32 *cnt, *b, n, idx, key, i;
 
+	if (region > WILDCARD_REGION)
+		return 0;
+	cnt = bpf_map_lookup_elem(MAP(REGION_COUNT_FD), &region);
 	if (!cnt)
 		return 0;
 	n = *cnt;
@@ -47,38 +70,78 @@ static __always_inline int pick(struct sk_reuseport_md *ctx, u32 region, u32 has
 		return 0;
 	if (n > CAPACITY)
 		n = CAPACITY;
-	/* the kernel's reciprocal_scale(): a flow keeps its slot while n is unchanged */
-	idx = ((u64)hash * n) >> 32;
+	key = region * NR_BUCKETS + (hash & (NR_BUCKETS - 1));
+	b = bpf_map_lookup_elem(MAP(BUCKETS_FD), &key);
+	if (b && *b < n)
+		idx = *b;
+	else /* table not filled for this count yet: the kernel's reciprocal_scale() */
+		idx = ((u64)hash * n) >> 32;
 #pragma unroll
 	for (i = 0; i < PROBE_MAX; i++) {
-		if (i >= n)
-			break;
 		key = region * CAPACITY + idx;
 		/* 0 on success; -ENOENT for an empty slot (its socket closed) */
 		if (bpf_sk_select_reuseport(ctx, MAP(SOCKARRAY_FD), &key, 0) == 0)
 			return 1;
 		(*skipped)++;
-		idx = idx + 1 == n ? 0 : idx + 1;
+		if (i + 1 >= n)
+			break;
+		idx = idx + 1 >= n ? 0 : idx + 1;
 	}
 	return 0;
 }
 
-int numareuse_select(struct sk_reuseport_md *ctx)
+/* Another region with a socket, from the controller's list of non-empty regions. */
+static __always_inline int pick_remote(struct sk_reuseport_md *ctx, u32 hash, u64 *skipped)
+{
+	u32 zero = 0, *k, *r, i;
+
+	k = bpf_map_lookup_elem(MAP(SPILL_FD), &zero);
+	if (!k || *k == 0 || *k > NR_DOMAINS + 1)
+		return 0;
+	i = 1 + (u32)(((u64)hash * *k) >> 32);
+	r = bpf_map_lookup_elem(MAP(SPILL_FD), &i);
+	return r && pick(ctx, *r, hash, skipped);
+}
+
+static __always_inline u32 cpu_region(void)
 {
 	u32 cpu = bpf_get_smp_processor_id();
 	u32 *dom = bpf_map_lookup_elem(MAP(CPU_DOMAIN_FD), &cpu);
-	u32 region = dom ? *dom : WILDCARD_REGION;
-	u32 hash = ctx->hash;
+
+	return dom ? *dom : WILDCARD_REGION;
+}
+
+int numareuse_select(struct sk_reuseport_md *ctx)
+{
+	u32 region, hash = ctx->hash, base = C_LOCAL;
 	u64 skipped = 0;
-	u32 outcome;
+
+#if HAVE_MIGRATE
+	if (ctx->migrating_sk) {
+		/* ctx->sk is the closing listener; its own slot is already empty */
+		u64 cookie = bpf_get_socket_cookie(ctx->sk);
+		struct cookie_region *r = bpf_map_lookup_elem(MAP(COOKIE_REGION_FD), &cookie);
+
+		base = C_MIGRATED_LOCAL;
+		if (r && r->region <= WILDCARD_REGION) {
+			region = r->region;
+		} else {
+			/* drained or never registered: the CPU's domain */
+			region = cpu_region();
+			count(C_MIGRATED_UNOWNED, 1);
+		}
+	} else
+#endif
+		region = cpu_region();
 
 	if (region < NR_DOMAINS && pick(ctx, region, hash, &skipped))
-		outcome = C_LOCAL;
+		count(base, 1);
 	else if (pick(ctx, WILDCARD_REGION, hash, &skipped))
-		outcome = C_WILDCARD;
-	else
-		outcome = C_FALLBACK; /* SK_PASS, no selection: the kernel hashes over the whole group */
-	count(outcome, 1);
+		count(base + (C_WILDCARD - C_LOCAL), 1);
+	else if (pick_remote(ctx, hash, &skipped))
+		count(base == C_LOCAL ? C_REMOTE : C_MIGRATED_REMOTE, 1);
+	else /* SK_PASS, no selection: the kernel hashes over the whole group */
+		count(base == C_LOCAL ? C_FALLBACK : C_MIGRATED_FALLBACK, 1);
 	if (skipped)
 		count(C_EMPTY_SKIPPED, skipped);
 	return SK_PASS; /* never SK_DROP: that would refuse the connection */

@@ -19,7 +19,7 @@ import tempfile
 from .errors import NotSupported
 
 
-def _cache_dir() -> str:
+def cache_dir() -> str:
     if os.environ.get("NUMAREUSE_CACHE"):
         return os.environ["NUMAREUSE_CACHE"]
     if os.geteuid() == 0:
@@ -48,7 +48,7 @@ def ensure_kernel_source() -> str | None:
             "kernel headers for bcc: none for this kernel; install Debian's linux-headers-amd64 (make setup does)"
         )
     common, archdir = max(pairs, key=lambda p: _version_key(p[1]))
-    tree = os.path.join(_cache_dir(), "kernel-headers", os.path.basename(archdir))
+    tree = os.path.join(cache_dir(), "kernel-headers", os.path.basename(archdir))
     if not os.path.isdir(tree):
         os.makedirs(os.path.dirname(tree), exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(tree))

@@ -26,12 +26,15 @@ BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_UPDATE_ELEM = 2
 BPF_MAP_DELETE_ELEM = 3
 BPF_MAP_GET_NEXT_KEY = 4
+BPF_PROG_LOAD = 5
 BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
 BPF_PROG_GET_NEXT_ID = 11
 BPF_MAP_GET_NEXT_ID = 12
 BPF_PROG_GET_FD_BY_ID = 13
 BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_MAP_LOOKUP_BATCH = 24  # 5.6+
+BPF_MAP_UPDATE_BATCH = 26
 
 # enum bpf_map_type / bpf_prog_type / bpf_attach_type
 BPF_MAP_TYPE_HASH = 1
@@ -76,6 +79,36 @@ class _MapElem(ctypes.Structure):
         ("key", ctypes.c_uint64),
         ("value", ctypes.c_uint64),
         ("flags", ctypes.c_uint64),
+    ]
+
+
+class _Batch(ctypes.Structure):
+    _fields_ = [
+        ("in_batch", ctypes.c_uint64),
+        ("out_batch", ctypes.c_uint64),
+        ("keys", ctypes.c_uint64),
+        ("values", ctypes.c_uint64),
+        ("count", ctypes.c_uint32),
+        ("map_fd", ctypes.c_uint32),
+        ("elem_flags", ctypes.c_uint64),
+        ("flags", ctypes.c_uint64),
+    ]
+
+
+class _ProgLoad(ctypes.Structure):
+    _fields_ = [
+        ("prog_type", ctypes.c_uint32),
+        ("insn_cnt", ctypes.c_uint32),
+        ("insns", ctypes.c_uint64),
+        ("license", ctypes.c_uint64),
+        ("log_level", ctypes.c_uint32),
+        ("log_size", ctypes.c_uint32),
+        ("log_buf", ctypes.c_uint64),
+        ("kern_version", ctypes.c_uint32),
+        ("prog_flags", ctypes.c_uint32),
+        ("prog_name", ctypes.c_char * 16),
+        ("prog_ifindex", ctypes.c_uint32),
+        ("expected_attach_type", ctypes.c_uint32),
     ]
 
 
@@ -187,6 +220,85 @@ def map_delete(fd: int, key: bytes) -> bool:
             return False
         raise
     return True
+
+
+def map_keys(fd: int, key_size: int) -> list[bytes]:
+    """Every key of a hash map (BPF_MAP_GET_NEXT_KEY from no key)."""
+    keys: list[bytes] = []
+    prev = None
+    while True:
+        nxt = ctypes.create_string_buffer(key_size)
+        kbuf = ctypes.create_string_buffer(prev, key_size) if prev is not None else None
+        attr = _MapElem(fd, 0, ctypes.addressof(kbuf) if kbuf is not None else 0, ctypes.addressof(nxt), 0)
+        try:
+            _bpf(BPF_MAP_GET_NEXT_KEY, attr)
+        except OSError as e:
+            if e.errno == 2:
+                return keys
+            raise
+        prev = nxt.raw
+        keys.append(prev)
+
+
+def map_lookup_batch(fd: int, first: int, count: int, value_size: int) -> bytes:
+    """Values of array keys first..first+count-1 in one call (BPF_MAP_LOOKUP_BATCH, 5.6+)."""
+    keys = ctypes.create_string_buffer(4 * count)
+    values = ctypes.create_string_buffer(value_size * count)
+    prev = ctypes.c_uint32(first - 1)
+    out = ctypes.c_uint32(0)
+    attr = _Batch(
+        ctypes.addressof(prev) if first > 0 else 0,
+        ctypes.addressof(out),
+        ctypes.addressof(keys),
+        ctypes.addressof(values),
+        count,
+        fd,
+        0,
+        0,
+    )
+    try:
+        _bpf(BPF_MAP_LOOKUP_BATCH, attr)
+    except OSError as e:
+        if e.errno != 2:  # ENOENT: the last batch of the map, with attr.count filled
+            raise
+    if attr.count != count:
+        raise OSError(5, f"batch lookup returned {attr.count} of {count} elements")
+    return values.raw
+
+
+def map_update_batch(fd: int, keys: list[int], values: bytes) -> None:
+    """Set u32 keys to the packed ``values`` (same order) in one call (BPF_MAP_UPDATE_BATCH)."""
+    if not keys:
+        return
+    kbuf = ctypes.create_string_buffer(struct.pack(f"={len(keys)}I", *keys), 4 * len(keys))
+    vbuf = ctypes.create_string_buffer(values, len(values))
+    attr = _Batch(0, 0, ctypes.addressof(kbuf), ctypes.addressof(vbuf), len(keys), fd, 0, 0)
+    _bpf(BPF_MAP_UPDATE_BATCH, attr)
+    if attr.count != len(keys):
+        raise OSError(5, f"batch update wrote {attr.count} of {len(keys)} elements")
+
+
+def prog_load(prog_type: int, insns: bytes, name: str, expected_attach_type: int, log_size: int = 0):
+    """Load raw instructions; returns (fd, None), or (-1, (errno, verifier log)) when refused."""
+    lic = ctypes.create_string_buffer(b"GPL")
+    ibuf = ctypes.create_string_buffer(insns, len(insns))
+    log = ctypes.create_string_buffer(log_size) if log_size else None
+    attr = _ProgLoad(
+        prog_type,
+        len(insns) // 8,
+        ctypes.addressof(ibuf),
+        ctypes.addressof(lic),
+        1 if log_size else 0,
+        log_size,
+        ctypes.addressof(log) if log is not None else 0,
+    )
+    attr.prog_name = name.encode()[:15]
+    attr.expected_attach_type = expected_attach_type
+    ret = _libc.syscall(_NR_BPF, BPF_PROG_LOAD, ctypes.byref(attr), ctypes.sizeof(attr))
+    if ret < 0:
+        err = ctypes.get_errno()
+        return -1, (err, log.value.decode(errors="replace") if log is not None else "")
+    return ret, None
 
 
 def obj_pin(fd: int, path: str) -> None:

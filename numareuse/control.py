@@ -14,7 +14,7 @@ import shutil
 import time
 
 from . import _sys, discovery, topology
-from ._layout import COUNTERS, DEFAULT_CAPACITY
+from ._layout import COUNTERS, DEFAULT_CAPACITY, SELECTION_OUTCOMES
 from .errors import NotInGroupError, NumaReuseError, ProcessGone, StateError, from_oserror
 from .selector import WILDCARD, Selector
 from .state import Group, Store, parse_name, require_root
@@ -111,7 +111,7 @@ def _undo(sel: Selector, socks, replacing: Selector | None, before: dict[int, in
         return
     sel.clear()
     _sys.attach_reuseport_prog(socks[0].fd, replacing.prog_fd)
-    sel._attached = False  # what is attached now is not ours to detach on close
+    sel.forget_attached()  # what is attached now is not ours to detach on close
     for s in socks:
         replacing.use_group(s.fd)
     for s in socks:
@@ -283,7 +283,7 @@ def stats() -> list[dict]:
                 c = sel.stats()
             finally:
                 sel.close()
-            total = c["local"] + c["wildcard"] + c["fallback"]
+            total = sum(c[k] for k in SELECTION_OUTCOMES)
             out.append(
                 {
                     "name": str(group),

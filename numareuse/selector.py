@@ -1,158 +1,81 @@
-"""The selector: maps, program and slot layout, owned by one object.
+"""The selector: NUMA-local socket selection for one SO_REUSEPORT group.
 
-The kernel maps are the single source of truth, so that every process that
-holds their fds (a pre-fork master, its forked workers, the CLI through
-pinned state) sees and changes the same registrations:
-
-* ``sockarray``   REUSEPORT_SOCKARRAY, region r holds slots r*capacity ..
-                  r*capacity+count[r]-1; regions 0..ndomains-1 are domains,
-                  region ndomains is the wildcard
-* ``region_count`` ARRAY, live slot count per region (read by the program)
-* ``cpu_domain``  ARRAY, cpu -> domain (ndomains = none: go to the wildcard)
-* ``counters``    PERCPU_ARRAY, outcomes counted by the program
-* ``slot_cookie`` ARRAY, slot -> socket cookie (0 = hole); controller only
-* ``slot_of``     HASH, socket cookie -> slot; controller only
-* ``meta``        ARRAY, layout version and sizes, for pinned state checks
-
-Changes happen under a lock (a POSIX lock on an inherited memfd for forked
-workers, or flock on the pinned directory) and in an order that keeps every
-slot below count either live or a hole the program probes past.
+A thin public object over three private parts: ``_maps`` (the kernel maps,
+their layout, pinning and upgrades), ``_loader`` (the program, compiled
+once outside this process and loaded with the map fds patched in) and
+``_slots`` (the slot allocator). The kernel maps are the single source of
+truth, so that every process holding their fds sees the same registrations.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import os
 import socket
 import struct
-import tempfile
-import threading
-import weakref
-from importlib import resources
+import time
 
-from . import _layout, _sys, topology
-from ._headers import ensure_kernel_source
-from .errors import (
-    CapacityError,
-    DomainError,
-    NotInGroupError,
-    NotSupported,
-    NumaReuseError,
-    StateError,
-    VerifierError,
-    from_oserror,
-    wrap,
-)
+from . import _layout, _loader, _maps, _slots, _sys, topology
+from .errors import DomainError, NotInGroupError, NumaReuseError, from_oserror, wrap
 
 CURRENT = -1  # FreeBSD TCP_REUSPORT_LB_NUMA_CURDOM
 WILDCARD = -2  # FreeBSD TCP_REUSPORT_LB_NUMA_NODOM
 
 _U32 = struct.Struct("=I")
-_U64 = struct.Struct("=Q")
+_TCP_INFO = 11
+_SIOCINQ = 0x541B
 
-# (map key, bpf map type, key size, value size, entries as a function of the layout)
-_MAP_SPECS = (
-    ("sockarray", _sys.BPF_MAP_TYPE_REUSEPORT_SOCKARRAY, 4, 8, lambda nd, cap, ncpu: (nd + 1) * cap),
-    ("cpu_domain", _sys.BPF_MAP_TYPE_ARRAY, 4, 4, lambda nd, cap, ncpu: ncpu),
-    ("region_count", _sys.BPF_MAP_TYPE_ARRAY, 4, 4, lambda nd, cap, ncpu: nd + 1),
-    ("counters", _sys.BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, lambda nd, cap, ncpu: _layout.NR_COUNTERS),
-    ("slot_cookie", _sys.BPF_MAP_TYPE_ARRAY, 4, 8, lambda nd, cap, ncpu: (nd + 1) * cap),
-    ("slot_of", _sys.BPF_MAP_TYPE_HASH, 8, 4, lambda nd, cap, ncpu: (nd + 1) * cap),
-    ("meta", _sys.BPF_MAP_TYPE_ARRAY, 4, 8, lambda nd, cap, ncpu: len(_layout.META_KEYS)),
-)
 
-_MIN_KERNEL = {
-    "sockarray": "BPF_MAP_TYPE_REUSEPORT_SOCKARRAY (Linux 4.19)",
-    "program": "BPF_PROG_TYPE_SK_REUSEPORT (Linux 4.19)",
-}
+def load_program(layout: _layout.Layout, fds: dict[str, int], migrate: bool | None = None) -> tuple[int, int, int]:
+    """(program fd, program hash, attach type) of the selector over ``fds`` (see ``_loader.load``)."""
+    return _loader.load(layout, fds, migrate)
 
 
 def _fileno(sock) -> int:
     return sock if isinstance(sock, int) else sock.fileno()
 
 
-class _Lock:
-    """Mutual exclusion between threads and processes sharing one selector.
-
-    ``posix`` locks (fcntl/lockf) belong to a process, so a forked worker that
-    inherited the fd excludes its master without reopening anything (it may
-    have dropped the privileges needed to reopen). flock on a directory fd is
-    used for pinned state, opened anew by each process.
-    """
-
-    def __init__(self, fd: int, posix: bool):
-        self.fd, self._posix = fd, posix
-        self._threads = threading.Lock()
-        _LOCKS.add(self)
-
-    def _after_fork(self) -> None:
-        # a thread of the parent may have held it at fork(): the child has no such thread
-        self._threads = threading.Lock()
-
-    @contextlib.contextmanager
-    def __call__(self, shared: bool = False):
-        with self._threads:
-            if self._posix:
-                fcntl.lockf(self.fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
-            else:
-                fcntl.flock(self.fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                (fcntl.lockf if self._posix else fcntl.flock)(self.fd, fcntl.LOCK_UN)
-
-
-_LOCKS: weakref.WeakSet[_Lock] = weakref.WeakSet()
-os.register_at_fork(after_in_child=lambda: [lock._after_fork() for lock in list(_LOCKS)])
-
-
-@contextlib.contextmanager
-def _stderr_captured():
-    """Collect what C code (clang, libbpf, the verifier log) writes to fd 2."""
-    with tempfile.TemporaryFile() as tmp:
-        saved = os.dup(2)
-        os.dup2(tmp.fileno(), 2)
-        out = {"text": ""}
-        try:
-            yield out
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            tmp.seek(0)
-            out["text"] = tmp.read().decode(errors="replace")
-
-
-def load_program(defines: dict[str, int], attach_type: int = _sys.BPF_SK_REUSEPORT_SELECT) -> int:
-    """Compile bpf/selector.bpf.c with bcc and load it; return a program fd owned by the caller."""
-    ensure_kernel_source()
+def _group_key(fd: int) -> tuple:
+    """(family, type, protocol, bound address) of a socket usable in a group, else ENOENT."""
     try:
-        from bcc import BPF
-    except ImportError as e:
-        raise NotSupported("bcc Python bindings: install Debian's python3-bpfcc (make setup does)") from e
-    src = resources.files("numareuse.bpf").joinpath("selector.bpf.c").read_text()
-    cflags = [f"-D{k}={v}" for k, v in defines.items()]
-    b, fd, err = None, -1, None
-    with _stderr_captured() as log:
+        dup = os.dup(fd)
+    except OSError as e:
+        raise NotInGroupError(f"fd {fd} is not open ({e.strerror})") from None
+    try:
+        s = socket.socket(fileno=dup)
+    except OSError as e:
+        os.close(dup)
+        raise NotInGroupError(f"fd {fd} is not a socket ({e.strerror})") from None
+    try:
+        if s.family not in (socket.AF_INET, socket.AF_INET6) or s.type not in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+            raise NotInGroupError("not a TCP or UDP socket over IPv4/IPv6")
+        if not s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT):
+            raise NotInGroupError("socket has no SO_REUSEPORT, so it is in no reuseport group")
+        addr = s.getsockname()
+        if addr[1] == 0:
+            raise NotInGroupError("socket is not bound")
+        if s.type == socket.SOCK_STREAM and not s.getsockopt(socket.SOL_SOCKET, _sys.SO_ACCEPTCONN):
+            raise NotInGroupError("TCP socket is not listening")
+        return (s.family, s.type, s.proto, addr[:2])
+    finally:
+        s.close()
+
+
+def queued(fd: int) -> int:
+    """Connections waiting in a listener's accept queue (datagram bytes for UDP)."""
+    if _sys.sock_opt_int(fd, _sys.SO_PROTOCOL) == socket.IPPROTO_TCP:
+        # struct tcp_info of a listener: tcpi_unacked (offset 24) is sk_ack_backlog
+        info = socket.socket(fileno=os.dup(fd))
         try:
-            b = BPF(text=src.encode(), cflags=cflags)
-            fn = b.load_func(_layout.PROG_NAME.encode(), _sys.BPF_PROG_TYPE_SK_REUSEPORT, attach_type=attach_type)
-            fd = os.dup(fn.fd)
-        except Exception as e:  # bcc raises bare Exception for compile and load errors
-            err = e
+            raw = info.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 104)
         finally:
-            if b is not None:
-                b.cleanup()  # closes bcc's own fds; ours is the dup
-    if err is not None:
-        lines = [ln for ln in log["text"].splitlines() if ln.strip()]
-        tail = "\n".join(lines[-8:])
-        if "Permission denied" in tail or "Operation not permitted" in tail:
-            raise from_oserror(PermissionError(1, "Operation not permitted"), "loading the BPF program")
-        if "Invalid argument" in str(err) and not tail:
-            raise NotSupported(f"the kernel refused the program: needs {_MIN_KERNEL['program']}")
-        raise VerifierError(f"loading the BPF program failed: {err}\n{tail}")
-    return fd
+            info.close()
+        return struct.unpack_from("=I", raw, 24)[0]
+    import fcntl
+
+    buf = fcntl.ioctl(fd, _SIOCINQ, b"\0\0\0\0")
+    return struct.unpack("=i", buf)[0]
 
 
 class Selector:
@@ -161,50 +84,62 @@ class Selector:
     ``domains`` is ``"numa"``, ``"llc"``, ``"cpu"``, an explicit spec such as
     ``"0-1;2-3"`` or a :class:`topology.Topology`. ``capacity`` is the number
     of sockets per domain (and in the wildcard), 256 by default as FreeBSD's
-    group. Use as a context manager, or call :meth:`close`.
+    group. ``migrate`` None loads the program so that a closing listener's
+    connections migrate where the kernel can (5.14+). Use as a context
+    manager, or call :meth:`close`.
     """
 
-    def __init__(self, domains="numa", *, capacity: int = _layout.DEFAULT_CAPACITY):
+    def __init__(self, domains="numa", *, capacity: int = _layout.DEFAULT_CAPACITY, migrate: bool | None = None):
         topo = domains if isinstance(domains, topology.Topology) else topology.parse(domains)
-        if not 1 <= capacity <= _layout.MAX_CAPACITY:
-            raise NumaReuseError(f"capacity {capacity} out of range 1..{_layout.MAX_CAPACITY}")
-        self._init(topo, capacity)
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or not 1 <= capacity <= _layout.MAX_CAPACITY:
+            raise NumaReuseError(f"capacity {capacity!r} out of range 1..{_layout.MAX_CAPACITY}")
+        layout = _layout.Layout(topo.ndomains, capacity, _sys.possible_cpus())
+        fds = _maps.create(layout)
+        prog_fd = -1
         try:
-            self._create_maps()
-            self._write_layout()
-            self._prog_fd = load_program(
-                _layout.defines(topo.ndomains, capacity, self._fds), _sys.BPF_SK_REUSEPORT_SELECT
-            )
-            self._lock_fd = os.memfd_create("numareuse-lock", 0)
+            _maps.write_cpu_domains(fds["cpu_domain"], layout, topo.cpu_domain)
+            prog_fd, prog_hash, attach_type = load_program(layout, fds, migrate)
+            _maps.write_meta(fds["meta"], layout, attach_type, prog_hash)
+        except OSError as e:
+            _maps.close_fds(fds)
+            if prog_fd >= 0:
+                os.close(prog_fd)
+            raise from_oserror(e, "writing the selector's maps") from e
         except BaseException:
-            self._release()
+            _maps.close_fds(fds)
+            if prog_fd >= 0:
+                os.close(prog_fd)
             raise
-        self._lock = _Lock(self._lock_fd, posix=True)
+        self._init(topo, layout, fds, prog_fd, _layout.LAYOUT_VERSION, attach_type, prog_hash)
+        self._detach_on_close = True
 
-    def _init(self, topo: topology.Topology, capacity: int) -> None:
+    def _init(self, topo, layout, fds, prog_fd, version, attach_type, prog_hash) -> None:
         self.topology = topo
-        self.capacity = capacity
-        self.ncpus = _sys.possible_cpus()
-        self._fds: dict[str, int] = {}
-        self._prog_fd = -1
-        self._lock_fd = -1
-        self._sock_fds: dict[int, int] = {}  # cookie -> the caller's fd of that socket (not a dup)
+        self.layout = layout
+        self.capacity = layout.capacity
+        self.ncpus = layout.ncpus
+        self.layout_version = version
+        self.attach_type = attach_type
+        self.prog_hash = prog_hash
+        self._fds = fds
+        self._prog_fd = prog_fd
+        self._slots = _slots.Slots(fds, layout)
+        self._lock_fd = os.memfd_create("numareuse-lock")  # close-on-exec: a lock is never inherited by exec
+        self._lock = _slots.Lock(self._lock_fd)
         self._group: tuple | None = None
         self._attached = False
         self._owner = os.getpid()
-        self._detach_on_close = True
 
     @classmethod
-    def adopt(cls, topo: topology.Topology, capacity: int, fds: dict[str, int], prog_fd: int) -> Selector:
+    def adopt(cls, topo: topology.Topology, fds: dict[str, int], prog_fd: int, meta: dict) -> Selector:
         """A selector over existing maps and program (pinned state); takes ownership of the fds.
 
         It does not know whether the program is attached: the caller does.
+        Layout-1 state can be read; :meth:`upgrade` turns it into layout 2.
         """
+        layout = _maps.check_meta(meta)
         self = cls.__new__(cls)
-        self._init(topo, capacity)
-        self._fds, self._prog_fd = dict(fds), prog_fd
-        self._lock_fd = os.memfd_create("numareuse-lock", 0)
-        self._lock = _Lock(self._lock_fd, posix=True)
+        self._init(topo, layout, dict(fds), prog_fd, meta["version"], meta["attach_type"], meta.get("prog_hash") or 0)
         self._detach_on_close = False
         return self
 
@@ -215,46 +150,7 @@ class Selector:
         Pinned steering outlives this object: close() no longer detaches.
         """
         self._detach_on_close = False
-        for key, fd in self._fds.items():
-            _sys.obj_pin(fd, os.path.join(directory, key))
-        _sys.obj_pin(self._prog_fd, os.path.join(directory, "prog"))
-
-    # -- construction -----------------------------------------------------
-
-    def _create_maps(self) -> None:
-        nd, cap = self.topology.ndomains, self.capacity
-        for key, mtype, ks, vs, entries in _MAP_SPECS:
-            try:
-                self._fds[key] = _sys.map_create(mtype, ks, vs, entries(nd, cap, self.ncpus), _layout.MAPS[key])
-            except OSError as e:
-                if e.errno == 22 and key == "sockarray":
-                    raise NotSupported(f"the kernel refused a map: needs {_MIN_KERNEL['sockarray']}") from e
-                raise from_oserror(e, f"creating BPF map {_layout.MAPS[key]}") from e
-
-    @wrap("writing the selector's maps")
-    def _write_layout(self) -> None:
-        nd = self.topology.ndomains
-        for cpu in range(self.ncpus):
-            dom = self.topology.cpu_domain.get(cpu, nd)
-            _sys.map_update(self._fds["cpu_domain"], cpu, _U32.pack(dom))
-        meta = dict(
-            version=_layout.LAYOUT_VERSION,
-            ndomains=nd,
-            capacity=self.capacity,
-            probe_max=min(_layout.PROBE_MAX, self.capacity),
-            attach_type=_sys.BPF_SK_REUSEPORT_SELECT,
-            ncpus=self.ncpus,
-        )
-        for i, k in enumerate(_layout.META_KEYS):
-            _sys.map_update(self._fds["meta"], i, _U64.pack(meta[k]))
-
-    def _release(self) -> None:
-        for fd in [*self._fds.values(), self._prog_fd, self._lock_fd]:
-            if fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-        self._fds.clear()
-        self._prog_fd = self._lock_fd = -1
+        _maps.pin(self._fds, self._prog_fd, directory)
 
     # -- properties -------------------------------------------------------
 
@@ -265,6 +161,11 @@ class Selector:
     @property
     def attached(self) -> bool:
         return self._attached
+
+    @property
+    def migration(self) -> bool:
+        """The program is loaded as SELECT_OR_MIGRATE: a closing listener's connections migrate."""
+        return self.attach_type == _sys.BPF_SK_REUSEPORT_SELECT_OR_MIGRATE
 
     @property
     def prog_fd(self) -> int:
@@ -278,59 +179,80 @@ class Selector:
         """id, name and the kernel's run_time_ns / run_cnt of the loaded program."""
         return _sys.prog_info(self._prog_fd)
 
-    # -- sockets ----------------------------------------------------------
+    # -- programs and layouts ---------------------------------------------
 
-    @staticmethod
-    def _group_key(fd: int) -> tuple:
-        """(family, type, protocol, bound address) of a socket usable in a group, else ENOENT."""
-        dup = os.dup(fd)
+    def current_program(self) -> bool:
+        """The loaded program is the one this numareuse would load now (same hash and attach type)."""
+        if self.layout_version != _layout.LAYOUT_VERSION:
+            return False
+        insns = _loader.compiled(self.layout, _loader.migration_supported())
+        want = _sys.BPF_SK_REUSEPORT_SELECT_OR_MIGRATE if _loader.migration_supported() else 0
+        return _loader.program_hash(insns) == self.prog_hash and (want == 0 or self.attach_type == want)
+
+    @wrap("loading the new program")
+    def reload_program(self) -> None:
+        """Load this numareuse's program over the same maps (attach it with :meth:`attach`).
+
+        Registrations and counters stay; when attached, the kernel swaps the
+        program atomically, so steering has no gap.
+        """
+        if self.layout_version != _layout.LAYOUT_VERSION:
+            raise NumaReuseError("reload_program needs layout 2: upgrade() first")
+        fd, prog_hash, attach = load_program(self.layout, self._fds)
+        with self._lock():
+            _maps.write_meta(self._fds["meta"], self.layout, attach, prog_hash)
+        os.close(self._prog_fd)
+        self._prog_fd, self.prog_hash, self.attach_type = fd, prog_hash, attach
+
+    @wrap("upgrading the pinned layout")
+    def upgrade(self) -> None:
+        """Turn layout-1 maps into layout 2 in place and load the new program over them.
+
+        The sockarray and the slot bookkeeping are kept, so every socket stays
+        in its slot; attach the new program (:meth:`attach`) to swap it in
+        atomically, then pin again.
+        """
+        if self.layout_version == _layout.LAYOUT_VERSION:
+            return
+        new = _maps.upgrade_v1(self._fds, self.layout)
+        fds = {k: v for k, v in self._fds.items() if k not in new}
+        old = {k: self._fds[k] for k in new if k in self._fds}
+        fds.update(new)
+        slots = _slots.Slots(fds, self.layout)
         try:
-            s = socket.socket(fileno=dup)
-        except OSError as e:
-            os.close(dup)
-            raise NotInGroupError(f"fd {fd} is not a socket ({e.strerror})") from None
-        try:
-            if s.family not in (socket.AF_INET, socket.AF_INET6) or s.type not in (
-                socket.SOCK_STREAM,
-                socket.SOCK_DGRAM,
-            ):
-                raise NotInGroupError("not a TCP or UDP socket over IPv4/IPv6")
-            if not s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT):
-                raise NotInGroupError("socket has no SO_REUSEPORT, so it is in no reuseport group")
-            addr = s.getsockname()
-            if addr[1] == 0:
-                raise NotInGroupError("socket is not bound")
-            if s.type == socket.SOCK_STREAM and not s.getsockopt(socket.SOL_SOCKET, _sys.SO_ACCEPTCONN):
-                raise NotInGroupError("TCP socket is not listening")
-            return (s.family, s.type, s.proto, addr[:2])
-        finally:
-            s.close()
+            for r in self._slots.registrations():
+                slots.set_region_entry(r["cookie"], r["region"])
+            for region, n in enumerate(slots.counts()):
+                if n:  # bucket b -> b mod n: every slot its share, every flow on a socket
+                    slots._write_buckets(region, list(range(slots.nb)), [b % n for b in range(slots.nb)])
+            slots.write_spill()
+            fd, prog_hash, attach = load_program(self.layout, fds)
+        except BaseException:
+            _maps.close_fds(new)
+            raise
+        _maps.write_meta(fds["meta"], self.layout, attach, prog_hash)
+        _maps.close_fds(old)
+        os.close(self._prog_fd)
+        self._fds, self._slots = fds, slots
+        self._slots.sock_fds.update(slots.sock_fds)
+        self._prog_fd, self.prog_hash, self.attach_type = fd, prog_hash, attach
+        self.layout_version = _layout.LAYOUT_VERSION
+
+    # -- sockets ----------------------------------------------------------
 
     def _member(self, sock) -> tuple[int, int]:
         """(fd, cookie) of a socket of the attached group, else NotInGroupError."""
         fd = _fileno(sock)
         if self._group is None:
             raise NotInGroupError("the selector is not attached to a reuseport group")
-        key = self._group_key(fd)
+        key = _group_key(fd)
         if key != self._group:
             raise NotInGroupError(f"socket {key[3]} is not in the attached group {self._group[3]}")
         return fd, _sys.sock_cookie(fd)
 
-    def _live_fd(self, cookie: int) -> int | None:
-        """An fd of the socket with ``cookie`` if this process still holds one."""
-        fd = self._sock_fds.get(cookie)
-        if fd is None:
-            return None
-        try:
-            if _sys.sock_cookie(fd) == cookie:
-                return fd
-        except OSError:
-            pass
-        del self._sock_fds[cookie]  # closed, or the number now names another file
-        return None
-
     # -- attach / detach --------------------------------------------------
 
+    @wrap("naming the group")
     def use_group(self, sock) -> None:
         """Name the SO_REUSEPORT group of ``sock`` without attaching the program.
 
@@ -338,11 +260,11 @@ class Selector:
         from its first packet (``attach`` afterwards).
         """
         fd = _fileno(sock)
-        key = self._group_key(fd)
+        key = _group_key(fd)
         if self._group is not None and key != self._group:
             raise NumaReuseError(f"already attached to group {self._group[3]}; use one Selector per group")
         self._group = key
-        self._sock_fds[_sys.sock_cookie(fd)] = fd
+        self._slots.sock_fds[_sys.sock_cookie(fd)] = fd
 
     def attach(self, sock) -> None:
         """Attach the program to the SO_REUSEPORT group of ``sock`` (any socket of it).
@@ -358,11 +280,15 @@ class Selector:
             raise from_oserror(e, "attaching the program (SO_ATTACH_REUSEPORT_EBPF)") from e
         self._attached = True
 
+    def forget_attached(self) -> None:
+        """Another program is attached now: do not detach it on close."""
+        self._attached = False
+
     def _any_group_fd(self, sock=None) -> int | None:
         if sock is not None:
             return self._member(sock)[0]
-        for cookie in list(self._sock_fds):
-            fd = self._live_fd(cookie)
+        for cookie in list(self._slots.sock_fds):
+            fd = self._slots.live_fd(cookie)
             if fd is not None:
                 return fd
         return None
@@ -402,6 +328,10 @@ class Selector:
             )
         return domain, domain
 
+    def _need_v2(self) -> None:
+        if self.layout_version != _layout.LAYOUT_VERSION:
+            raise NumaReuseError("this selector's pinned state has layout 1: attach again to upgrade it")
+
     @wrap("registering the socket")
     def register(self, sock, domain: int = CURRENT) -> int:
         """Steer connections of ``domain`` to ``sock``; returns the domain used.
@@ -410,41 +340,81 @@ class Selector:
         domain holding all CPUs of the calling thread's affinity, else the
         domain of the CPU it runs on now; WILDCARD if that CPU is in no
         domain), WILDCARD puts the socket in the group every domain falls back
-        to. Registering a registered socket moves it. Raises DomainError
-        (EINVAL), NotInGroupError (ENOENT), CapacityError (ENOSPC).
+        to. Registering a registered socket moves it; registering a drained
+        socket steers to it again. Raises DomainError (EINVAL),
+        NotInGroupError (ENOENT), CapacityError (ENOSPC).
         """
         region, resolved = self._region(domain)
         fd, cookie = self._member(sock)
+        self._need_v2()
+        s = self._slots
         with self._lock():
-            cur = self._slot_of(cookie)
-            if cur is not None and cur // self.capacity == region and self._slot_live(cur, cookie):
-                self._sock_fds[cookie] = fd
+            s.sock_fds[cookie] = fd
+            cur = s.slot_of(cookie)
+            if cur is not None and cur // self.capacity == region and s.live(cur, cookie):
+                entry = s.region_entry(cookie)
+                if entry != (region, 0):
+                    s.set_region_entry(cookie, region)
                 return resolved
             if cur is not None:
-                self._need_room(region)  # a failed move must leave the socket where it was
-                self._vacate(cur, cookie)
-                self._compact(cur // self.capacity)
-            self._sock_fds[cookie] = fd
-            self._insert(region, fd, cookie)
+                if cur // self.capacity != region:
+                    s.free_index(region)  # CapacityError here leaves the socket where it was
+                s.vacate(cur, cookie)
+            s.insert(region, fd, cookie)
         return resolved
 
     @wrap("unregistering the socket")
     def unregister(self, sock) -> bool:
         """Take ``sock`` out of its region. Returns False when it was not registered."""
         _fd, cookie = self._member(sock)
+        self._need_v2()
         with self._lock():
-            cur = self._slot_of(cookie)
+            cur = self._slots.slot_of(cookie)
             if cur is None:
                 return False
-            self._vacate(cur, cookie)
-            self._compact(cur // self.capacity)
+            self._slots.vacate(cur, cookie)
         return True
+
+    @wrap("draining the socket")
+    def drain(self, sock, timeout: float = 5.0, grace: float = 0.1) -> bool:
+        """Stop steering new connections to ``sock`` and wait until its queue is empty.
+
+        The protocol for a server that closes a listener (a worker exiting):
+        drain, keep accepting until this returns, then close. ``grace``
+        covers handshakes already in flight to the socket; then this waits up
+        to ``timeout`` seconds for the accept queue (UDP: the receive queue)
+        to empty. Returns True when it did. The socket stays in the group
+        and is marked drained, so that reconcilers leave it alone;
+        :meth:`register` steers to it again. What is still queued when it
+        closes migrates to a peer of its domain (:attr:`migration`).
+        """
+        fd, cookie = self._member(sock)
+        self._need_v2()
+        with self._lock():
+            self._slots.drain(cookie)
+        deadline = time.monotonic() + max(timeout, grace)
+        time.sleep(max(grace, 0))
+        while True:
+            if queued(fd) == 0:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)
+
+    def drained(self) -> set[int]:
+        """Cookies of the sockets drained and not registered again."""
+        if self.layout_version != _layout.LAYOUT_VERSION:
+            return set()
+        return self._slots.drained()
 
     @wrap("sweeping the selector's slots")
     def refresh(self) -> int:
-        """Drop slots of closed sockets and compact every region; returns slots freed."""
+        """Drop slots of closed sockets, repair live ones, compact every region; returns slots freed."""
+        self._need_v2()
         with self._lock():
-            return sum(self._compact(r) for r in range(self.ndomains + 1))
+            freed = sum(self._slots.sweep(r) for r in range(self.layout.nregions))
+            self._slots._collect_region_entries()
+            return freed
 
     @wrap("clearing the selector's slots")
     def clear(self) -> None:
@@ -454,147 +424,47 @@ class Selector:
         busy), so a replacement selector needs the old one cleared first.
         """
         with self._lock():
-            for region in range(self.ndomains + 1):
-                self._set_count(region, 0)
-            for slot in range((self.ndomains + 1) * self.capacity):
-                # every slot, not only those below the counts: an interrupted
-                # operation may have left a socket above a count
-                cookie = self._slot_cookie(slot)
-                if cookie or self._slot_live(slot):
-                    self._vacate(slot, cookie)
-
-    # Slot primitives; the lock is held by the caller.
-
-    def _count(self, region: int) -> int:
-        return _U32.unpack(_sys.map_lookup(self._fds["region_count"], _U32.pack(region), 4))[0]
-
-    def _set_count(self, region: int, n: int) -> None:
-        _sys.map_update(self._fds["region_count"], region, _U32.pack(n))
-
-    def _slot_of(self, cookie: int) -> int | None:
-        v = _sys.map_lookup(self._fds["slot_of"], _U64.pack(cookie), 4)
-        return None if v is None else _U32.unpack(v)[0]
-
-    def _slot_cookie(self, slot: int) -> int:
-        return _U64.unpack(_sys.map_lookup(self._fds["slot_cookie"], _U32.pack(slot), 8))[0]
-
-    def _slot_live(self, slot: int, cookie: int | None = None) -> bool:
-        """The slot holds a socket (``cookie``'s, when given: a sockarray lookup returns the cookie)."""
-        v = _sys.map_lookup(self._fds["sockarray"], _U32.pack(slot), 8)
-        return v is not None and (cookie is None or _U64.unpack(v)[0] == cookie)
-
-    def _put(self, slot: int, fd: int, cookie: int) -> None:
-        # socket first, bookkeeping after: the program only reads the sockarray
-        _sys.map_update(self._fds["sockarray"], slot, _U64.pack(fd))
-        _sys.map_update(self._fds["slot_cookie"], slot, _U64.pack(cookie))
-        _sys.map_update_u64key(self._fds["slot_of"], cookie, _U32.pack(slot))
-
-    def _vacate(self, slot: int, cookie: int) -> None:
-        _sys.map_delete(self._fds["sockarray"], _U32.pack(slot))
-        _sys.map_delete(self._fds["slot_of"], _U64.pack(cookie))
-        _sys.map_update(self._fds["slot_cookie"], slot, _U64.pack(0))
-
-    def _need_room(self, region: int) -> list[int]:
-        """Sweep ``region``; CapacityError unless it can take one more socket. Returns its holes."""
-        _freed, holes = self._sweep(region)
-        if not holes and self._count(region) >= self.capacity:
-            name = "the wildcard" if region == self.ndomains else f"domain {region}"
-            raise CapacityError(f"{name} already holds {self.capacity} sockets (capacity)")
-        return holes
-
-    def _insert(self, region: int, fd: int, cookie: int) -> None:
-        holes = self._need_room(region)
-        base, n = region * self.capacity, self._count(region)
-        slot = base + (holes[0] if holes else n)  # a hole left by a socket we could not move, else append
-        try:
-            self._put(slot, fd, cookie)
-        except OSError as e:
-            if e.errno == errno.EBUSY:
-                raise NumaReuseError(
-                    "the socket is already in another selector's sockarray (the kernel allows one): "
-                    "detach that one first (numareuse detach, or close the other Selector)",
-                    errno=errno.EBUSY,
-                ) from None
-            raise
-        if not holes:
-            self._set_count(region, n + 1)  # publish last: the program never sees a slot before its socket
-
-    def _compact(self, region: int) -> int:
-        """Free slots of closed sockets and fill holes from the region's tail; returns slots freed.
-
-        A socket can be moved only by a process that holds an fd of it, so a
-        hole may stay; the program probes past it and a later insert fills it.
-        """
-        return self._sweep(region)[0]
-
-    def _sweep(self, region: int) -> tuple[int, list[int]]:
-        """:meth:`_compact`, also returning the indexes of the holes that stay (ascending).
-
-        One pass over the region: a register costs a map lookup or two per
-        slot, so an insert must not scan the region a second time.
-        """
-        base, n = region * self.capacity, self._count(region)
-        holes, freed = [], 0
-        for i in range(n):
-            slot = base + i
-            cookie = self._slot_cookie(slot)
-            if cookie and not self._slot_live(slot, cookie):  # closed: the kernel emptied the slot
-                _sys.map_delete(self._fds["slot_of"], _U64.pack(cookie))
-                _sys.map_update(self._fds["slot_cookie"], slot, _U64.pack(0))
-                self._sock_fds.pop(cookie, None)
-                cookie, freed = 0, freed + 1
-            if not cookie:
-                holes.append(i)
-        new_n = n
-        while holes:
-            last = new_n - 1
-            if holes[-1] == last:  # trailing hole: just shrink
-                holes.pop()
-                new_n -= 1
-                continue
-            cookie = self._slot_cookie(base + last)
-            fd = self._live_fd(cookie)
-            if fd is None:
-                break
-            hole = holes.pop(0)
-            _sys.map_delete(self._fds["sockarray"], _U32.pack(base + last))
-            self._put(base + hole, fd, cookie)
-            _sys.map_update(self._fds["slot_cookie"], base + last, _U64.pack(0))
-            new_n -= 1
-        if new_n != n:
-            self._set_count(region, new_n)
-        return freed, holes
+            if self.layout_version == _layout.LAYOUT_VERSION:
+                self._slots.clear()
+                return
+            for region in range(self.layout.nregions):  # layout 1: no buckets, no spill
+                _sys.map_update(self._fds["region_count"], region, _U32.pack(0))
+            for slot in range(self.layout.nslots):
+                if self._slots.slot_cookie(slot) or self._slots.live(slot):
+                    _sys.map_delete(self._fds["sockarray"], _U32.pack(slot))
+                    _sys.map_update(self._fds["slot_cookie"], slot, struct.pack("=Q", 0))
 
     # -- reading ----------------------------------------------------------
 
     @wrap("reading the selector's maps")
     def registrations(self) -> list[dict]:
         """Every registered socket: slot, domain (WILDCARD for the wildcard), cookie, live."""
-        out = []
         with self._lock(shared=True):
-            for region in range(self.ndomains + 1):
-                base = region * self.capacity
-                for i in range(self._count(region)):
-                    cookie = self._slot_cookie(base + i)
-                    if cookie:
-                        out.append(
-                            {
-                                "slot": base + i,
-                                "domain": WILDCARD if region == self.ndomains else region,
-                                "cookie": cookie,
-                                "live": self._slot_live(base + i),
-                            }
-                        )
+            out = self._slots.registrations()
+        for r in out:
+            r["domain"] = WILDCARD if r.pop("region") == self.ndomains else r["slot"] // self.capacity
         return out
 
     @wrap("reading the selector's counters")
-    def stats(self) -> dict[str, int]:
-        """Outcome counters summed over CPUs: local, wildcard, fallback, empty_skipped."""
-        out = {}
+    def cpu_stats(self) -> dict[int, dict[str, int]]:
+        """The program's counters per CPU: cpu -> {name: value}."""
+        out: dict[int, dict[str, int]] = {cpu: {} for cpu in range(self.ncpus)}
         for i, name in enumerate(_layout.COUNTERS):
-            raw = _sys.map_lookup(self._fds["counters"], _U32.pack(i), 8 * self.ncpus)
-            out[name] = sum(struct.unpack(f"={self.ncpus}Q", raw))
+            try:
+                raw = _sys.map_lookup(self._fds["counters"], _U32.pack(i), 8 * self.ncpus)
+            except OSError as e:
+                if e.errno != errno.ENOENT:
+                    raise
+                raw = None
+            values = struct.unpack(f"={self.ncpus}Q", raw) if raw else (0,) * self.ncpus
+            for cpu, v in enumerate(values):
+                out[cpu][name] = v
         return out
+
+    def stats(self) -> dict[str, int]:
+        """The program's counters summed over CPUs (names in ``numareuse._layout.COUNTERS``)."""
+        per = self.cpu_stats()
+        return {name: sum(c[name] for c in per.values()) for name in _layout.COUNTERS}
 
     # -- lifetime ---------------------------------------------------------
 
@@ -614,8 +484,13 @@ class Selector:
                         self.detach()
         finally:
             self._group, self._attached = None, False
-            self._release()
-            self._sock_fds.clear()
+            _maps.close_fds(self._fds)
+            for fd in (self._prog_fd, self._lock_fd):
+                if fd >= 0:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+            self._prog_fd = self._lock_fd = -1
+            self._slots.sock_fds.clear()
 
     def __enter__(self) -> Selector:
         return self
@@ -626,12 +501,3 @@ class Selector:
     def __repr__(self) -> str:
         state = "attached" if self._attached else "detached"
         return f"<Selector domains={self.topology.spec!r} ndomains={self.ndomains} {state}>"
-
-
-def check_state_version(meta: dict[str, int]) -> None:
-    """Refuse pinned state written with another layout version."""
-    if meta.get("version") != _layout.LAYOUT_VERSION:
-        raise StateError(
-            f"pinned state has layout version {meta.get('version')}, this numareuse uses "
-            f"{_layout.LAYOUT_VERSION}: detach it with the numareuse that attached it"
-        )

@@ -26,9 +26,9 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 
-from . import _layout, _sys
+from . import _maps, _sys
 from .errors import NotSupported, PermissionDenied, StateError, from_oserror
-from .selector import Selector, check_state_version
+from .selector import Selector
 from .topology import Topology
 
 BPF_FS_MAGIC = 0xCAFE4A11
@@ -136,24 +136,14 @@ class Store:
     def open(self, name: str, directory: str | None = None) -> Selector:
         """The pinned selector of group ``name`` (or of a staging ``directory``)."""
         gdir = directory or os.path.join(self.dir, name)
-        fds: dict[str, int] = {}
+        fds, prog, meta = _maps.open_pinned(gdir)
         try:
-            for key in (*_layout.MAPS, "prog"):
-                try:
-                    fds[key] = _sys.obj_get(os.path.join(gdir, key))
-                except FileNotFoundError:
-                    raise StateError(f"pinned state {gdir} is incomplete: {key} is missing") from None
-                except OSError as e:
-                    raise from_oserror(e, f"opening pinned {key} in {gdir}") from e
-            meta = read_meta(fds["meta"])
-            check_state_version(meta)
             topo = topology_from_map(fds["cpu_domain"], meta, self.info(name).get("spec", "pinned"))
-            sel = Selector.adopt(topo, meta["capacity"], {k: v for k, v in fds.items() if k != "prog"}, fds["prog"])
+            return Selector.adopt(topo, fds, prog, meta)
         except BaseException:
-            for fd in fds.values():
-                os.close(fd)
+            _maps.close_fds(fds)
+            os.close(prog)
             raise
-        return sel
 
     # -- writing ----------------------------------------------------------
     #
@@ -250,14 +240,6 @@ def parse_name(name: str) -> Group | None:
         return Group(proto, fam, address, int(port))
     except (ValueError, OSError):
         return None
-
-
-def read_meta(meta_fd: int) -> dict[str, int]:
-    out = {}
-    for i, k in enumerate(_layout.META_KEYS):
-        raw = _sys.map_lookup(meta_fd, struct.pack("=I", i), 8)
-        out[k] = struct.unpack("=Q", raw)[0] if raw else None
-    return out
 
 
 def topology_from_map(cpu_domain_fd: int, meta: dict, spec: str) -> Topology:

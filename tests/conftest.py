@@ -144,9 +144,9 @@ class Created:
             return fd
 
         def load_program(*a, **kw):
-            fd = real_prog(*a, **kw)
-            self.progs.add(_sys.prog_info(fd)["id"])
-            return fd
+            loaded = real_prog(*a, **kw)
+            self.progs.add(_sys.prog_info(loaded[0])["id"])
+            return loaded
 
         monkeypatch.setattr(_sys, "map_create", map_create)
         monkeypatch.setattr(selector, "load_program", load_program)

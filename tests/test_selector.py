@@ -94,11 +94,21 @@ def test_empty_domain_falls_back_to_wildcard(sel, group):
     assert (st["local"], st["wildcard"], st["fallback"]) == (N, N, 0)
 
 
-def test_no_domain_no_wildcard_uses_kernel_hash(sel, group):
+def test_no_domain_no_wildcard_goes_to_another_domain(sel, group):
+    """Domain 1 and the wildcard are empty: a registered socket of domain 0, never an unregistered one."""
     socks, port = group(3)
     sel.attach(socks[0])
     sel.register(socks[0], 0)
-    assert connect_from(1, socket.AF_INET, port, N) == N  # nothing for domain 1: every connection accepted
+    assert connect_from(1, socket.AF_INET, port, N) == N
+    assert drain(socks) == [N, 0, 0]  # socks[1:] are in the group but not registered (e.g. draining)
+    st = sel.stats()
+    assert (st["local"], st["remote"], st["fallback"]) == (0, N, 0)
+
+
+def test_nothing_registered_uses_kernel_hash(sel, group):
+    socks, port = group(3)
+    sel.attach(socks[0])
+    assert connect_from(1, socket.AF_INET, port, N) == N  # nothing registered: every connection accepted
     got = drain(socks)
     assert sum(got) == N and sum(1 for g in got if g) >= 2, got  # spread by the kernel over the whole group
     assert sel.stats()["fallback"] == N
@@ -367,7 +377,7 @@ def test_clear_releases_sockets_left_above_a_count(kernel, group):
         a.attach(socks[0])
         a.register(socks[0], 0)
         a.register(socks[1], 0)
-        a._set_count(0, 1)  # as if interrupted: socks[1] sits above the count
+        a._slots.set_count(0, 1, 2)  # as if interrupted: socks[1] sits above the count
         a.clear()
         b.use_group(socks[0])
         b.register(socks[1], 0)  # no EBUSY: a released it

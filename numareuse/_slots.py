@@ -1,0 +1,454 @@
+"""The slot allocator: register, move, drain, compact, over the selector's maps.
+
+The kernel maps are the single source of truth, so every process holding
+their fds (a pre-fork master and its workers, the CLI through pinned state)
+sees and changes the same registrations. Every change runs under the lock
+and in an order that keeps the program's invariants:
+
+* a slot below a region's count holds a live socket, or is a hole (or the
+  slot of a socket closed since the last sweep) that the program probes past;
+* a count is published only after its slot is filled;
+* a bucket names a slot below the count, or NO_SLOT (the program then uses
+  reciprocal_scale); a socket that joins takes ~1/n of the buckets, a socket
+  that leaves hands its own to the others, so ~1/n of the flows move.
+
+Inserting costs a fixed number of map operations whatever the fill (one batch
+read of the region's cookies finds a hole); sweeping for closed sockets is
+lazy (``refresh``, or a full region), since the program copes with them.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import errno
+import fcntl
+import os
+import socket
+import struct
+import threading
+import time
+import weakref
+
+from . import _layout, _sys
+from .errors import CapacityError, NumaReuseError, StateError
+
+_U32 = struct.Struct("=I")
+_U64 = struct.Struct("=Q")
+_CR = struct.Struct("=II")  # cookie_region value: region, since (CLOCK_BOOTTIME s; 0 = registered)
+MIGRATION_GRACE = 120  # s: a closed socket's requests may migrate this long (SYN-ACK retries: ~63 s)
+LOCK_TIMEOUT = float(os.environ.get("NUMAREUSE_LOCK_TIMEOUT", "10"))
+
+
+def _now() -> int:
+    return int(time.clock_gettime(time.CLOCK_BOOTTIME)) or 1
+
+
+class Lock:
+    """Mutual exclusion between the threads and processes sharing one selector.
+
+    A POSIX lock (lockf) on an inherited memfd belongs to a process, so a forked
+    worker excludes its master without reopening anything (it may have dropped
+    the privileges needed to). Waits are bounded: a holder that is frozen or
+    stopped (SIGSTOP) makes the others fail with StateError after ``timeout``
+    seconds instead of hanging (a master must still stop on SIGTERM).
+    """
+
+    def __init__(self, fd: int, timeout: float = LOCK_TIMEOUT):
+        self.fd, self.timeout = fd, timeout
+        self._threads = threading.Lock()
+        _LOCKS.add(self)
+
+    def _after_fork(self) -> None:
+        # a thread of the parent may have held it at fork(): the child has no such thread
+        self._threads = threading.Lock()
+
+    def _holder(self) -> int:
+        try:
+            raw = fcntl.fcntl(self.fd, fcntl.F_GETLK, struct.pack("hhxxxxqqi4x", fcntl.F_WRLCK, 0, 0, 0, 0))
+            return struct.unpack("hhxxxxqqi4x", raw)[4]
+        except OSError:
+            return 0
+
+    @contextlib.contextmanager
+    def __call__(self, shared: bool = False):
+        if not self._threads.acquire(timeout=self.timeout):
+            raise StateError(f"the selector's lock is held by another thread for more than {self.timeout:g} s")
+        try:
+            mode = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB
+            deadline, pause = time.monotonic() + self.timeout, 0.0005
+            while True:
+                try:
+                    fcntl.lockf(self.fd, mode)
+                    break
+                except OSError as e:
+                    if e.errno not in (errno.EAGAIN, errno.EACCES):
+                        raise
+                if time.monotonic() >= deadline:
+                    pid = self._holder()
+                    who = f"pid {pid}" if pid > 0 else "another process"
+                    raise StateError(
+                        f"the selector's lock is held by {who} for more than {self.timeout:g} s (stopped or frozen?)",
+                        errno=errno.EDEADLK,
+                    )
+                time.sleep(pause)
+                pause = min(pause * 2, 0.02)
+            try:
+                yield
+            finally:
+                fcntl.lockf(self.fd, fcntl.LOCK_UN)
+        finally:
+            self._threads.release()
+
+
+_LOCKS: weakref.WeakSet[Lock] = weakref.WeakSet()
+os.register_at_fork(after_in_child=lambda: [lock._after_fork() for lock in list(_LOCKS)])
+
+
+def socket_alive(fd: int) -> bool:
+    """The socket is still usable in a group: a listening TCP or a bound UDP socket."""
+    try:
+        if _sys.sock_opt_int(fd, _sys.SO_PROTOCOL) == socket.IPPROTO_TCP:
+            return bool(_sys.sock_opt_int(fd, _sys.SO_ACCEPTCONN))
+        return True
+    except OSError:
+        return False
+
+
+class Slots:
+    """Slot bookkeeping over one selector's maps. Callers hold the lock for changes."""
+
+    def __init__(self, fds: dict[str, int], layout: _layout.Layout):
+        self.fds, self.layout = fds, layout
+        self.cap, self.nb = layout.capacity, layout.nbuckets
+        self.sock_fds: dict[int, int] = {}  # cookie -> an fd of it in this process (the caller's, not a dup)
+
+    # -- primitives -------------------------------------------------------
+
+    def count(self, region: int) -> int:
+        return _U32.unpack(_sys.map_lookup(self.fds["region_count"], _U32.pack(region), 4))[0]
+
+    def counts(self) -> list[int]:
+        raw = _sys.map_lookup_batch(self.fds["region_count"], 0, self.layout.nregions, 4)
+        return list(array.array("I", raw))
+
+    def set_count(self, region: int, n: int, old: int) -> None:
+        _sys.map_update(self.fds["region_count"], region, _U32.pack(n))
+        if (old == 0) != (n == 0):
+            self.write_spill()
+
+    def write_spill(self) -> None:
+        """The list of regions with a socket, for the program's remote step (entries first, then k)."""
+        nonempty = [r for r, n in enumerate(self.counts()) if n]
+        fd = self.fds["spill"]
+        if nonempty:
+            _sys.map_update_batch(fd, list(range(1, len(nonempty) + 1)), b"".join(_U32.pack(r) for r in nonempty))
+        _sys.map_update(fd, 0, _U32.pack(len(nonempty)))
+
+    def slot_of(self, cookie: int) -> int | None:
+        v = _sys.map_lookup(self.fds["slot_of"], _U64.pack(cookie), 4)
+        return None if v is None else _U32.unpack(v)[0]
+
+    def slot_cookie(self, slot: int) -> int:
+        return _U64.unpack(_sys.map_lookup(self.fds["slot_cookie"], _U32.pack(slot), 8))[0]
+
+    def region_cookies(self, region: int, n: int) -> list[int]:
+        if n == 0:
+            return []
+        raw = _sys.map_lookup_batch(self.fds["slot_cookie"], region * self.cap, n, 8)
+        return list(array.array("Q", raw))
+
+    def live(self, slot: int, cookie: int | None = None) -> bool:
+        """The slot holds a socket (``cookie``'s, when given: a sockarray lookup returns the cookie)."""
+        v = _sys.map_lookup(self.fds["sockarray"], _U32.pack(slot), 8)
+        return v is not None and (cookie is None or _U64.unpack(v)[0] == cookie)
+
+    def region_entry(self, cookie: int) -> tuple[int, int] | None:
+        v = _sys.map_lookup(self.fds["cookie_region"], _U64.pack(cookie), 8)
+        return None if v is None else _CR.unpack(v)
+
+    def set_region_entry(self, cookie: int, region: int, since: int = 0) -> None:
+        try:
+            _sys.map_update_u64key(self.fds["cookie_region"], cookie, _CR.pack(region, since))
+        except OSError as e:
+            if e.errno != errno.E2BIG:
+                raise
+            self._collect_region_entries(force=True)
+            _sys.map_update_u64key(self.fds["cookie_region"], cookie, _CR.pack(region, since))
+
+    def live_fd(self, cookie: int) -> int | None:
+        """An fd of the socket with ``cookie`` if this process still holds one."""
+        fd = self.sock_fds.get(cookie)
+        if fd is None:
+            return None
+        try:
+            if _sys.sock_cookie(fd) == cookie:
+                return fd
+        except OSError:
+            pass
+        del self.sock_fds[cookie]  # closed, or the number now names another file
+        return None
+
+    def _put(self, slot: int, fd: int, cookie: int) -> None:
+        # socket first, bookkeeping after: the program only reads the sockarray
+        try:
+            _sys.map_update(self.fds["sockarray"], slot, _U64.pack(fd))
+        except OSError as e:
+            if e.errno != errno.EBUSY:
+                raise
+            # EBUSY: the socket already sits in a sockarray. In ours, above a
+            # count, when a crash came between this update and the next: find it.
+            if not self._remove_orphan(cookie):
+                raise NumaReuseError(
+                    "the socket is already in another selector's sockarray (the kernel allows one): "
+                    "detach that one first (numareuse detach, or close the other Selector)",
+                    errno=errno.EBUSY,
+                ) from None
+            _sys.map_update(self.fds["sockarray"], slot, _U64.pack(fd))
+        _sys.map_update(self.fds["slot_cookie"], slot, _U64.pack(cookie))
+        _sys.map_update_u64key(self.fds["slot_of"], cookie, _U32.pack(slot))
+
+    def _remove_orphan(self, cookie: int) -> bool:
+        """Delete ``cookie``'s socket from any slot of our sockarray; True when it was there."""
+        for slot in range(self.layout.nslots):
+            if self.live(slot, cookie):
+                _sys.map_delete(self.fds["sockarray"], _U32.pack(slot))
+                return True
+        return False
+
+    # -- buckets ----------------------------------------------------------
+
+    def _table(self, region: int) -> bytes:
+        return _sys.map_lookup_batch(self.fds["buckets"], region * self.nb, self.nb, 4)
+
+    @staticmethod
+    def _owned(table: bytes, idx: int) -> list[int]:
+        """Buckets of ``table`` that name ``idx`` (a C-speed scan; about nb/n matches)."""
+        out, pat, pos = [], _U32.pack(idx), table.find(_U32.pack(idx))
+        while pos >= 0:
+            if pos % 4 == 0:
+                out.append(pos // 4)
+                pos = table.find(pat, pos + 4)
+            else:
+                pos = table.find(pat, pos + 1)
+        return out
+
+    def _write_buckets(self, region: int, buckets: list[int], owners: list[int]) -> None:
+        base = region * self.nb
+        _sys.map_update_batch(
+            self.fds["buckets"], [base + b for b in buckets], struct.pack(f"={len(owners)}I", *owners)
+        )
+
+    def _take_buckets(self, region: int, idx: int, owners: int) -> None:
+        """Give index ``idx`` (new in the region) its share: every bucket b with b % owners == idx % owners.
+
+        Those buckets are spread over the region's other sockets alike, so
+        each gives up about 1/owners of its flows and no table read is needed.
+        """
+        mine = list(range(idx % owners, self.nb, owners))
+        self._write_buckets(region, mine, [idx] * len(mine))
+
+    def _hand_over(self, region: int, idx: int, to: list[int]) -> None:
+        """Give ``idx``'s buckets to the indexes ``to`` in turn (NO_SLOT when there is none)."""
+        gone = self._owned(self._table(region), idx)
+        if not gone:
+            return
+        if not to:
+            owners = [_layout.NO_SLOT] * len(gone)
+        else:
+            start = idx % len(to)
+            owners = [to[(start + i) % len(to)] for i in range(len(gone))]
+        self._write_buckets(region, gone, owners)
+
+    def _rename_buckets(self, region: int, old: int, new: int) -> None:
+        """A socket moved from index ``old`` to ``new``: its buckets follow it (its flows stay)."""
+        moved = self._owned(self._table(region), old)
+        self._write_buckets(region, moved, [new] * len(moved))
+
+    # -- changes (lock held) ----------------------------------------------
+
+    def free_index(self, region: int) -> tuple[int, int, list[int]]:
+        """(index to fill, count, cookies below it): a hole, else the tail; CapacityError when full.
+
+        Only a full region is swept for closed sockets: the program copes with
+        them, and a register must not cost a pass over the region.
+        """
+        for attempt in range(2):
+            n = self.count(region)
+            cookies = self.region_cookies(region, n)
+            if 0 in cookies:
+                return cookies.index(0), n, cookies
+            if n < self.cap:
+                return n, n, cookies
+            if attempt == 0:
+                self.sweep(region)
+        name = "the wildcard" if region == self.layout.wildcard else f"domain {region}"
+        raise CapacityError(f"{name} already holds {self.cap} sockets (capacity)")
+
+    def insert(self, region: int, fd: int, cookie: int) -> None:
+        """Put a socket that is in no slot into ``region``: a hole if there is one, else the tail."""
+        idx, n, cookies = self.free_index(region)
+        self._put(region * self.cap + idx, fd, cookie)
+        self.set_region_entry(cookie, region)
+        if idx == n:
+            self.set_count(region, n + 1, n)  # publish last: the program never sees a slot before its socket
+        owners = sum(1 for c in cookies if c) + 1
+        self._take_buckets(region, idx, owners)
+
+    def vacate(self, slot: int, cookie: int, gone: bool = False) -> None:
+        """Take a socket out of its slot and compact the region.
+
+        ``gone``: it closed (its slot is empty already); its cookie_region
+        entry stays, dated, while its connections may migrate.
+        """
+        region, idx = divmod(slot, self.cap)
+        n = self.count(region)
+        cookies = self.region_cookies(region, n)
+        others = [i for i, c in enumerate(cookies) if c and i != idx]
+        self._hand_over(region, idx, others)  # before the socket leaves: its flows move once
+        _sys.map_delete(self.fds["sockarray"], _U32.pack(slot))
+        _sys.map_delete(self.fds["slot_of"], _U64.pack(cookie))
+        _sys.map_update(self.fds["slot_cookie"], slot, _U64.pack(0))
+        if gone:
+            entry = self.region_entry(cookie)
+            if entry is not None and entry[1] == 0:
+                self.set_region_entry(cookie, entry[0], _now())
+        if idx < len(cookies):
+            cookies[idx] = 0
+        self._compact(region, cookies)
+
+    def _compact(self, region: int, cookies: list[int]) -> None:
+        """Fill holes from the region's tail where this process holds the tail's fd; shrink the count."""
+        base, n = region * self.cap, len(cookies)
+        new_n = n
+        holes = [i for i, c in enumerate(cookies) if not c]
+        while holes:
+            last = new_n - 1
+            if holes[-1] == last:  # trailing hole: just shrink
+                holes.pop()
+                new_n -= 1
+                continue
+            cookie = cookies[last]
+            fd = self.live_fd(cookie)
+            if fd is None or not self.live(base + last, cookie):
+                break  # cannot move it: the hole stays, the program probes past it
+            hole = holes.pop(0)
+            _sys.map_delete(self.fds["sockarray"], _U32.pack(base + last))
+            self._put(base + hole, fd, cookie)
+            self._rename_buckets(region, last, hole)
+            _sys.map_update(self.fds["slot_cookie"], base + last, _U64.pack(0))
+            cookies[hole], cookies[last] = cookie, 0
+            new_n -= 1
+        if new_n != n:
+            self.set_count(region, new_n, n)
+
+    def sweep(self, region: int) -> int:
+        """Drop the slots of closed sockets, repair live ones whose slot emptied; compact. Returns slots freed.
+
+        An empty slot whose socket this process still holds, listening, is a
+        socket that was shut down and listened again, or a move cut short by a
+        crash: it is put back, not dropped.
+        """
+        base, n = region * self.cap, self.count(region)
+        cookies = self.region_cookies(region, n)
+        freed = 0
+        for i, cookie in enumerate(cookies):
+            if not cookie or self.live(base + i, cookie):
+                continue
+            fd = self.live_fd(cookie)
+            if fd is not None and socket_alive(fd):
+                with contextlib.suppress(OSError):
+                    _sys.map_update(self.fds["sockarray"], base + i, _U64.pack(fd))
+                    continue
+            others = [j for j, c in enumerate(cookies) if c and j != i]
+            self._hand_over(region, i, others)
+            _sys.map_delete(self.fds["slot_of"], _U64.pack(cookie))
+            _sys.map_update(self.fds["slot_cookie"], base + i, _U64.pack(0))
+            entry = self.region_entry(cookie)
+            if entry is not None and entry[1] == 0:
+                self.set_region_entry(cookie, entry[0], _now())
+            self.sock_fds.pop(cookie, None)
+            cookies[i] = 0
+            freed += 1
+        self._compact(region, cookies)
+        return freed
+
+    def drain(self, cookie: int) -> bool:
+        """Stop steering to a socket and mark it drained; False if it was not registered."""
+        slot = self.slot_of(cookie)
+        if slot is not None:
+            self.vacate(slot, cookie)
+        self.set_region_entry(cookie, _layout.REGION_DRAINED, _now())
+        return slot is not None
+
+    def clear(self) -> None:
+        """Unregister every socket, counts first so that the program stops picking at once."""
+        for region in range(self.layout.nregions):
+            _sys.map_update(self.fds["region_count"], region, _U32.pack(0))
+        _sys.map_update(self.fds["spill"], 0, _U32.pack(0))
+        cookies = array.array("Q", _sys.map_lookup_batch(self.fds["slot_cookie"], 0, self.layout.nslots, 8))
+        for slot, cookie in enumerate(cookies):
+            # every slot, not only those below the counts: an interrupted
+            # operation may have left a socket above a count
+            if cookie or self.live(slot):
+                _sys.map_delete(self.fds["sockarray"], _U32.pack(slot))
+                _sys.map_delete(self.fds["slot_of"], _U64.pack(cookie))
+                _sys.map_update(self.fds["slot_cookie"], slot, _U64.pack(0))
+        from ._maps import fill
+
+        fill(self.fds["buckets"], self.layout.entries("buckets"), _layout.NO_SLOT)
+
+    def _collect_region_entries(self, force: bool = False) -> int:
+        """Delete cookie_region entries of sockets closed more than MIGRATION_GRACE ago.
+
+        ``force`` (the map is full): also the oldest undated-closed ones until a
+        quarter of the map is free. Drained marks of sockets we hold stay.
+        """
+        fd, now = self.fds["cookie_region"], _now()
+        entries = []
+        for key in _sys.map_keys(fd, 8):
+            v = _sys.map_lookup(fd, key, 8)
+            if v is not None:
+                entries.append((_U64.unpack(key)[0], *_CR.unpack(v)))
+        stale = [c for c, _r, since in entries if since and now - since > MIGRATION_GRACE]
+        if force and len(entries) - len(stale) > 3 * self.layout.entries("cookie_region") // 4:
+            dated = sorted((since, c) for c, _r, since in entries if since and c not in self.sock_fds)
+            stale += [c for _s, c in dated[: len(entries) // 4]]
+        for c in set(stale):
+            _sys.map_delete(fd, _U64.pack(c))
+        return len(set(stale))
+
+    # -- reading ----------------------------------------------------------
+
+    def registrations(self) -> list[dict]:
+        out = []
+        for region, n in enumerate(self.counts()):
+            base = region * self.cap
+            for i, cookie in enumerate(self.region_cookies(region, n)):
+                if cookie:
+                    out.append(
+                        {
+                            "slot": base + i,
+                            "region": region,
+                            "cookie": cookie,
+                            "live": self.live(base + i, cookie),
+                        }
+                    )
+        return out
+
+    def drained(self) -> set[int]:
+        fd = self.fds["cookie_region"]
+        out = set()
+        for key in _sys.map_keys(fd, 8):
+            v = _sys.map_lookup(fd, key, 8)
+            if v is not None and _CR.unpack(v)[0] == _layout.REGION_DRAINED:
+                out.add(_U64.unpack(key)[0])
+        return out
+
+    def bucket_shares(self, region: int) -> dict[int, int]:
+        """index -> buckets it owns in ``region`` (for tests and status)."""
+        out: dict[int, int] = {}
+        for owner in array.array("I", self._table(region)):
+            if owner != _layout.NO_SLOT:
+                out[owner] = out.get(owner, 0) + 1
+        return out
