@@ -193,6 +193,63 @@ def detach(port, address, udp, ipv6, as_json):
 @main.command(
     epilog="""\b
 Examples:
+  numareuse drain --port 8080 --sk 4242          # by cookie, as status shows it
+  numareuse drain -p 8080 --owner 1234 --timeout 30  # every socket that pid accepts on
+  numareuse undrain -p 8080 --sk 4242"""
+)
+@_group_options
+@click.option("--sk", "cookies", multiple=True, metavar="COOKIE", help="A socket by cookie (sk:COOKIE in status).")
+@click.option("--owner", type=click.IntRange(min=1), metavar="PID", help="Every socket this process accepts on.")
+@click.option(
+    "--timeout", type=click.FloatRange(min=0), default=5.0, show_default=True, help="Seconds to wait for empty queues."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def drain(port, address, udp, ipv6, cookies, owner, timeout, as_json):
+    """Stop steering new connections to sockets of an attached group.
+
+    For a worker about to close its listener: numareuse stops sending it new
+    connections, then waits until its accept queue is empty (the worker keeps
+    accepting meanwhile), so that closing it loses nothing. Whatever is still
+    queued when it closes migrates to a peer of its domain (Linux 5.14+).
+    Drained sockets stay drained across `attach` and `watch` until
+    `numareuse undrain`. Exit status 0 when every queue emptied or its
+    server closed it, 1 on a time-out.
+    """
+    r = control.drain(port, address, udp, ipv6, _cookies(cookies), owner, timeout)
+    _emit(r, as_json, lambda r: [click.echo(f"{s['sk']}: {s['result']}") for s in r["sockets"]])
+    if any(s["result"] == "timeout" for s in r["sockets"]):
+        raise NumaReuseError(f"a queue did not empty within {timeout:g} s (is its worker still accepting?)")
+
+
+@main.command(
+    epilog="""\b
+Examples:
+  numareuse undrain --port 8080 --sk 4242
+  numareuse undrain -p 8080 --owner 1234"""
+)
+@_group_options
+@click.option("--sk", "cookies", multiple=True, metavar="COOKIE", help="A socket by cookie (sk:COOKIE in status).")
+@click.option("--owner", type=click.IntRange(min=1), metavar="PID", help="Every socket this process accepts on.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def undrain(port, address, udp, ipv6, cookies, owner, as_json):
+    """Steer new connections to drained sockets again (in their owners' domains)."""
+    r = control.drain(port, address, udp, ipv6, _cookies(cookies), owner, undo=True)
+    _emit(r, as_json, lambda r: [click.echo(f"{s['sk']}: {s['result']}") for s in r["sockets"]])
+
+
+def _cookies(values) -> tuple[int, ...]:
+    out = []
+    for v in values:
+        text = v[3:] if v.startswith("sk:") else v
+        if not text.isdigit():
+            raise click.BadParameter(f"{v!r} is not a socket cookie (sk:1234 or 1234)", param_hint="--sk")
+        out.append(int(text))
+    return tuple(out)
+
+
+@main.command(
+    epilog="""\b
+Examples:
   numareuse status
   numareuse status --json | jq '.[].sockets[] | select(.domain == "wildcard")'"""
 )
@@ -203,10 +260,14 @@ def status(as_json):
 
     def human(groups):
         for g in _readable(groups):
-            click.echo(f"{g['name']}  domains={g['spec']}  program={g['program_id']}  sockets={len(g['sockets'])}")
+            mig = "on" if g.get("migration") else "off (kernel < 5.14: a closing listener resets its queue)"
+            click.echo(
+                f"{g['name']}  domains={g['spec']}  program={g['program_id']}  sockets={len(g['sockets'])}"
+                f"  migration={mig}"
+            )
             for s in g["sockets"]:
                 owners = ",".join(f"{o['pid']}/{o['comm']}" for o in s["owners"]) or "-"
-                state = "" if s["live"] else "  (closed)"
+                state = "" if s["live"] or s["live"] is None else "  (closed)"
                 click.echo(f"  {s['sk']:<14} domain={s['domain']!s:<9} owner={owners}{state}")
 
     _emit(control.status(), as_json, human)

@@ -434,20 +434,24 @@ def possible_cpus() -> int:
         return parse_cpulist(f.read())[-1] + 1
 
 
-def parse_cpulist(text: str) -> list[int]:
-    """'0-3,8,10-11' -> [0, 1, 2, 3, 8, 10, 11] (the kernel's cpulist format)."""
+def parse_cpulist(text: str, limit: int | None = None) -> list[int]:
+    """'0-3,8,10-11' -> [0, 1, 2, 3, 8, 10, 11] (the kernel's cpulist format).
+
+    ``limit``: CPU ids must be below it; checked before a range is expanded,
+    so that '0-99999999' is an error, not an exhausted memory.
+    """
     cpus: set[int] = set()
     for part in text.strip().split(","):
         part = part.strip()
         if not part:
             continue
-        if "-" in part:
-            lo, hi = part.split("-", 1)
-            if int(lo) > int(hi):
-                raise ValueError(f"bad CPU range {part!r}")
-            cpus.update(range(int(lo), int(hi) + 1))
-        else:
-            cpus.add(int(part))
+        lo, _, hi = part.partition("-")
+        lo_i, hi_i = int(lo), int(hi) if hi else int(lo)
+        if lo_i < 0 or lo_i > hi_i:
+            raise ValueError(f"bad CPU range {part!r}")
+        if limit is not None and hi_i >= limit:
+            raise OverflowError(hi_i)
+        cpus.update(range(lo_i, hi_i + 1))
     return sorted(cpus)
 
 

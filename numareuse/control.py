@@ -14,7 +14,7 @@ import shutil
 import time
 
 from . import _sys, discovery, topology
-from ._layout import COUNTERS, DEFAULT_CAPACITY, SELECTION_OUTCOMES
+from ._layout import COUNTERS, DEFAULT_CAPACITY, LAYOUT_VERSION, SELECTION_OUTCOMES
 from .errors import NotInGroupError, NumaReuseError, ProcessGone, StateError, from_oserror
 from .selector import WILDCARD, Selector
 from .state import Group, Store, parse_name, require_root
@@ -77,13 +77,18 @@ def _fresh(store: Store, group, socks, topo, capacity, progress, replacing: Sele
         sel.use_group(socks[0].fd)
         try:
             staged = store.stage(group, sel)  # pinned before attached: a crash leaves it findable
+            drained: set[int] = set()
             if replacing is not None:
                 # a socket fits in one sockarray only: empty the old one first; its program
                 # then leaves every choice to the kernel's hash until the swap below
                 before = {r["cookie"]: r["domain"] for r in replacing.registrations() if r["live"]}
+                drained = replacing.drained()
                 replacing.clear()
             for s in socks:  # fill every region before the program sees a packet
-                sel.register(s.fd, s.domain)
+                if s.cookie in drained:
+                    sel.drain(s.fd, timeout=0, grace=0)  # stays drained in the new selector
+                else:
+                    sel.register(s.fd, s.domain)
             sel.attach(socks[0].fd)  # atomically replaces the old program, if any
             store.commit(staged, group, _info(group, topo, socks))
         except BaseException:
@@ -131,9 +136,14 @@ def _update(store: Store, group, socks, topo, capacity, progress) -> dict:
             return report
         for s in socks:
             old.use_group(s.fd)  # the group, and every socket compaction may move
-        have = {r["cookie"]: r["domain"] for r in old.registrations() if r["live"]}
         changes = []
+        if old.layout_version != LAYOUT_VERSION or not old.current_program():
+            changes.append(_swap_program(store, group, old, socks, topo, progress))
+        have = {r["cookie"]: r["domain"] for r in old.registrations() if r["live"]}
+        drained = old.drained()
         for s in socks:
+            if s.cookie in drained:
+                continue  # drained by its owner or an operator: only `numareuse undrain` steers to it again
             if have.get(s.cookie) != s.domain:
                 old.register(s.fd, s.domain)
                 was = "-" if s.cookie not in have else _domain_name(have[s.cookie])
@@ -153,6 +163,31 @@ def _update(store: Store, group, socks, topo, capacity, progress) -> dict:
         }
     finally:
         old.close()
+
+
+def _swap_program(store: Store, group, sel: Selector, socks, topo, progress) -> str:
+    """Load this release's program over the pinned maps (upgrading layout 1), swap it in, pin again.
+
+    The maps, and so every registration, stay: the kernel replaces the
+    attached program atomically, so no connection is left to the kernel's
+    hash. Staged and exchanged as a fresh attach is, so a crash leaves
+    either the old or the new pins, both complete.
+    """
+    old_id = sel.program_info()["id"]
+    was = f"layout {sel.layout_version}" if sel.layout_version != LAYOUT_VERSION else "program"
+    progress(f"the pinned {was} differs from this numareuse's: loading the new program over the same maps")
+    if sel.layout_version != LAYOUT_VERSION:
+        sel.upgrade()
+    else:
+        sel.reload_program()
+    staged = store.stage(group, sel)
+    try:
+        sel.attach(socks[0].fd)
+        store.commit(staged, group, _info(group, topo, socks))
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    return f"* program {old_id} -> {sel.program_info()['id']} ({was} upgraded, same maps)"
 
 
 def _match(store: Store, port: int, address, udp, ipv6) -> list[str]:
@@ -211,6 +246,108 @@ def detach(port: int, address: str | None = None, udp: bool = False, ipv6: bool 
         return {"action": "detached", "group": group.as_dict(), "program_was_attached": detached}
 
 
+def _one_group(store: Store, port: int, address, udp, ipv6) -> str:
+    names = _match(store, port, address, udp, ipv6)
+    if not names:
+        raise NotInGroupError(f"nothing attached by numareuse on port {port}: attach first")
+    if len(names) > 1:
+        addrs = ", ".join(group_of(store, n).address for n in names)
+        raise NumaReuseError(f"port {port} is attached on several addresses ({addrs}): choose one with --address")
+    return names[0]
+
+
+def _targets(socks, cookies, owner: int | None, what: str):
+    chosen = [s for s in socks if s.cookie in cookies or (owner is not None and owner in {h.pid for h in s.owners})]
+    if not chosen:
+        raise NotInGroupError(f"no socket of the group matches {what}")
+    return chosen
+
+
+def drain(
+    port: int,
+    address: str | None = None,
+    udp: bool = False,
+    ipv6: bool = False,
+    cookies: tuple[int, ...] = (),
+    owner: int | None = None,
+    timeout: float = 5.0,
+    undo: bool = False,
+) -> dict:
+    """Stop steering new connections to some sockets of an attached group (``undo``: steer again).
+
+    The sockets are chosen by cookie or by owner pid. Draining waits up to
+    ``timeout`` s for each socket's accept queue to empty (its owner keeps
+    accepting); our duplicates are closed as soon as the server closes its
+    own, so that a close is never delayed (it migrates what is left).
+    """
+    require_root()
+    what = " or ".join([f"sk:{c}" for c in cookies] + ([f"owner pid {owner}"] if owner is not None else []))
+    if not what:
+        raise NumaReuseError("name the sockets: --sk COOKIE or --owner PID")
+    store = Store()
+    with store.locked():
+        name = _one_group(store, port, address, udp, ipv6)
+        group = group_of(store, name)
+        _, socks = discovery.find_sockets(port, group.address, udp, ipv6)
+        try:
+            sel = store.open(name)
+            try:
+                chosen = _targets(socks, set(cookies), owner, what)
+                topo = sel.topology
+                discovery.assign_domains(chosen, topo)
+                for s in socks:
+                    sel.use_group(s.fd)
+                for s in chosen:
+                    if undo:
+                        sel.register(s.fd, s.domain)
+                    else:
+                        sel.drain(s.fd, timeout=0, grace=0)  # the mark now; the wait below, unlocked
+            finally:
+                sel.close()
+            keep = {s.cookie for s in chosen}
+            for s in socks:  # hold only what we wait on
+                if s.cookie not in keep and s.fd >= 0:
+                    os.close(s.fd)
+                    s.fd = -1
+        except BaseException:
+            discovery.close_all(socks)
+            raise
+    try:
+        results = {s.cookie: ("registered" if undo else _wait_empty(s, timeout)) for s in chosen}
+    finally:
+        discovery.close_all(socks)
+    return {
+        "action": "undrained" if undo else "drained",
+        "group": group.as_dict(),
+        "sockets": [{"sk": f"sk:{c}", "cookie": c, "result": r} for c, r in results.items()],
+    }
+
+
+def _wait_empty(s, timeout: float) -> str:
+    """Wait for a drained socket's queue to empty: 'empty', 'closed' (by its server) or 'timeout'."""
+    from .selector import queued
+
+    deadline = time.monotonic() + timeout
+    time.sleep(0.05)  # handshakes already in flight to it
+    while True:
+        if not any(_holds(h, s.inode) for h in s.holders):
+            os.close(s.fd)  # the server closed it: ours must not keep it listening
+            s.fd = -1
+            return "closed"
+        if queued(s.fd) == 0:
+            return "empty"
+        if time.monotonic() >= deadline:
+            return "timeout"
+        time.sleep(0.01)
+
+
+def _holds(h, inode: int) -> bool:
+    try:
+        return os.readlink(f"/proc/{h.pid}/fd/{h.fd}") == f"socket:[{inode}]"
+    except OSError:
+        return False
+
+
 def status() -> list[dict]:
     """Every pinned group of this network namespace, with its sockets."""
     store = Store()
@@ -244,9 +381,24 @@ def _group_status(store: Store, name: str) -> dict:
                     "owners": procs,
                 }
             )
+        for cookie in sorted(sel.drained()):
+            o = owners.get(str(cookie), {})
+            procs = [p for p in o.get("owners", []) if _alive(p["pid"])]
+            socks.append(
+                {
+                    "sk": f"sk:{cookie}",
+                    "cookie": cookie,
+                    "domain": "drained",
+                    "live": None,
+                    "slot": None,
+                    "owners": procs,
+                }
+            )
         return {
             "name": str(group),
             "group": group.as_dict(),
+            "layout": sel.layout_version,
+            "migration": sel.migration,
             "spec": sel.topology.spec,
             "domains": {str(d): list(c) for d, c in enumerate(sel.topology.domains) if c},
             "program_id": sel.program_info()["id"],

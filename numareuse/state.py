@@ -190,7 +190,9 @@ class Store:
                 with contextlib.suppress(StateError):
                     old = self.open(group.name)
                     try:
-                        old.clear()
+                        # a program swap stages the same maps again: those must stay filled
+                        if not _same_maps(old, tmp):
+                            old.clear()
                     finally:
                         old.close()
                 _sys.rename_exchange(tmp, final)
@@ -224,6 +226,18 @@ class Store:
             shutil.rmtree(tmp, ignore_errors=True)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(self.rundir, name + ".json"))
+
+
+def _same_maps(sel: Selector, directory: str) -> bool:
+    """The pinned sockarray in ``directory`` is ``sel``'s own (a program swap, not a new selector)."""
+    try:
+        fd = _sys.obj_get(os.path.join(directory, "sockarray"))
+    except OSError:
+        return False
+    try:
+        return _sys.map_info(fd)["id"] == _sys.map_info(sel.map_fds["sockarray"])["id"]
+    finally:
+        os.close(fd)
 
 
 def parse_name(name: str) -> Group | None:

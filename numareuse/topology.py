@@ -31,6 +31,19 @@ def _read(path: str) -> str:
         return f.read().strip()
 
 
+def possible_cpus() -> int:
+    """How many CPU ids this machine can have (ids are below it), from the same root as the rest."""
+    try:
+        return _sys.parse_cpulist(_read(f"{SYS}/devices/system/cpu/possible"))[-1] + 1
+    except (OSError, ValueError, IndexError):
+        ids = [
+            int(m.group(1))
+            for p in glob.glob(f"{SYS}/devices/system/cpu/cpu[0-9]*")
+            if (m := re.search(r"cpu(\d+)$", p))
+        ]
+        return max([*ids, *online_cpus()]) + 1
+
+
 def online_cpus() -> list[int]:
     return _sys.parse_cpulist(_read(f"{SYS}/devices/system/cpu/online"))
 
@@ -136,10 +149,15 @@ def parse(spec: str) -> Topology:
         online = online_cpus()
         return _from_groups(spec, [[c] if c in online else [] for c in range(max(online) + 1)])
     online = set(online_cpus())
+    limit = possible_cpus()
     groups = []
     for part in spec.split(";"):
         try:
-            cpus = _sys.parse_cpulist(part)
+            cpus = _sys.parse_cpulist(part, limit)
+        except OverflowError as e:
+            raise DomainSpecError(
+                f"domain spec {spec!r} names CPU {e.args[0]}: this machine's CPU ids are 0..{limit - 1}"
+            ) from None
         except ValueError:
             raise DomainSpecError(
                 f"domain spec {spec!r} does not parse: expected numa, llc, cpu or CPU lists like '0-1;2-3'"
