@@ -62,6 +62,7 @@ MAPS = {
     "cookie_region": "nr_cookie_regio",
     "buckets": "nr_buckets",
     "spill": "nr_spill",
+    "bucket_count": "nr_bucket_count",
 }
 MAPS_V1 = ("sockarray", "cpu_domain", "region_count", "counters", "slot_cookie", "slot_of", "meta")
 # maps the program reads (the others are the controller's bookkeeping)
@@ -114,6 +115,7 @@ class Layout:
             "cookie_region": 2 * self.nslots,
             "buckets": self.nregions * self.nbuckets,
             "spill": self.nregions + 1,
+            "bucket_count": self.nslots,  # buckets each slot owns (controller only)
         }[key]
 
 

@@ -11,6 +11,7 @@
 * ``cookie_region`` HASH, socket cookie -> region (or drained), read by the
                     program when a listener closes; kept after a close while
                     its connections may still migrate
+* ``bucket_count``  ARRAY, slot -> buckets it owns; controller only
 * ``slot_cookie``   ARRAY, slot -> socket cookie (0 = hole); controller only
 * ``slot_of``       HASH, socket cookie -> slot; controller only
 * ``meta``          ARRAY, layout version, sizes and program hash
@@ -40,6 +41,7 @@ _TYPES = {
     "cookie_region": (_sys.BPF_MAP_TYPE_HASH, 8, 4),
     "buckets": (_sys.BPF_MAP_TYPE_ARRAY, 4, 4),
     "spill": (_sys.BPF_MAP_TYPE_ARRAY, 4, 4),
+    "bucket_count": (_sys.BPF_MAP_TYPE_ARRAY, 4, 4),
 }
 
 MIN_KERNEL_SOCKARRAY = "BPF_MAP_TYPE_REUSEPORT_SOCKARRAY (Linux 4.19)"
@@ -188,7 +190,7 @@ def upgrade_v1(fds: dict[str, int], layout: _layout.Layout) -> dict[str, int]:
     leave their slots); counters grow from 8 to 16 entries and get a new map,
     seeded with the old values so that nothing counted is lost.
     """
-    new = create(layout, ("counters", "cookie_region", "buckets", "spill", "meta"))
+    new = create(layout, ("counters", "cookie_region", "buckets", "spill", "bucket_count", "meta"))
     try:
         for i in range(8):
             raw = _sys.map_lookup(fds["counters"], _U32.pack(i), 8 * layout.ncpus)

@@ -217,53 +217,120 @@ class Slots:
         return False
 
     # -- buckets ----------------------------------------------------------
+    #
+    # Each live index of a region owns buckets; bucket_count keeps how many,
+    # and every share stays within one bucket of the others: a newcomer takes
+    # its share one bucket at a time from the owners with the most, a leaver
+    # hands its buckets one at a time to the owners with the fewest. Only the
+    # buckets that change owner are written, so ~1/n of the flows move.
 
     def _table(self, region: int) -> bytes:
         return _sys.map_lookup_batch(self.fds["buckets"], region * self.nb, self.nb, 4)
 
+    def _shares(self, region: int, n: int) -> array.array:
+        if n == 0:
+            return array.array("I")
+        return array.array("I", _sys.map_lookup_batch(self.fds["bucket_count"], region * self.cap, n, 4))
+
+    def _write_shares(self, region: int, shares: array.array, changed: set[int]) -> None:
+        idxs = sorted(changed)
+        if idxs:
+            vals = struct.pack(f"={len(idxs)}I", *(shares[i] for i in idxs))
+            _sys.map_update_batch(self.fds["bucket_count"], [region * self.cap + i for i in idxs], vals)
+
     @staticmethod
-    def _owned(table: bytes, idx: int) -> list[int]:
-        """Buckets of ``table`` that name ``idx`` (a C-speed scan; about nb/n matches)."""
-        out, pat, pos = [], _U32.pack(idx), table.find(_U32.pack(idx))
-        while pos >= 0:
-            if pos % 4 == 0:
-                out.append(pos // 4)
-                pos = table.find(pat, pos + 4)
-            else:
-                pos = table.find(pat, pos + 1)
+    def _find(table: bytes, idx: int, start: int = 0) -> int:
+        """The first bucket at or after ``start`` that names ``idx``, else -1 (a C-speed scan)."""
+        pat = _U32.pack(idx)
+        pos = table.find(pat, start * 4)
+        while pos >= 0 and pos % 4:
+            pos = table.find(pat, pos + 1)
+        return pos // 4 if pos >= 0 else -1
+
+    def _owned(self, table: bytes, idx: int) -> list[int]:
+        out, b = [], self._find(table, idx)
+        while b >= 0:
+            out.append(b)
+            b = self._find(table, idx, b + 1)
         return out
 
     def _write_buckets(self, region: int, buckets: list[int], owners: list[int]) -> None:
         base = region * self.nb
-        _sys.map_update_batch(
-            self.fds["buckets"], [base + b for b in buckets], struct.pack(f"={len(owners)}I", *owners)
-        )
+        vals = struct.pack(f"={len(owners)}I", *owners)
+        _sys.map_update_batch(self.fds["buckets"], [base + b for b in buckets], vals)
 
-    def _take_buckets(self, region: int, idx: int, owners: int) -> None:
-        """Give index ``idx`` (new in the region) its share: every bucket b with b % owners == idx % owners.
+    def _take_buckets(self, region: int, idx: int, n: int, owners: int) -> None:
+        """Give index ``idx`` (new in a region of ``n`` indexes, ``owners`` live) its share of buckets."""
+        shares = self._shares(region, n)
+        if owners <= 1 or not any(shares):
+            self._write_buckets(region, list(range(self.nb)), [idx] * self.nb)
+            shares = array.array("I", [0] * n)
+            shares[idx] = self.nb
+            self._write_shares(region, shares, set(range(n)))
+            return
+        table, want = self._table(region), self.nb // owners
+        taken, changed, nxt = [], {idx}, {}
+        top, pos = max(shares), 0
+        while len(taken) < want and top > 0:
+            try:
+                donor = shares.index(top, pos)
+            except ValueError:
+                top, pos = top - 1, 0
+                continue
+            pos = donor + 1
+            if donor == idx or shares[donor] <= want:
+                continue
+            b = self._find(table, donor, nxt.get(donor, 0))
+            if b < 0:
+                continue
+            nxt[donor] = b + 1
+            taken.append(b)
+            shares[donor] -= 1
+            changed.add(donor)
+        shares[idx] = len(taken)
+        self._write_buckets(region, taken, [idx] * len(taken))
+        self._write_shares(region, shares, changed)
 
-        Those buckets are spread over the region's other sockets alike, so
-        each gives up about 1/owners of its flows and no table read is needed.
-        """
-        mine = list(range(idx % owners, self.nb, owners))
-        self._write_buckets(region, mine, [idx] * len(mine))
-
-    def _hand_over(self, region: int, idx: int, to: list[int]) -> None:
-        """Give ``idx``'s buckets to the indexes ``to`` in turn (NO_SLOT when there is none)."""
-        gone = self._owned(self._table(region), idx)
+    def _hand_over(self, region: int, idx: int, to: list[int], n: int) -> None:
+        """Give ``idx``'s buckets to the indexes ``to``, each to one with the fewest (NO_SLOT if none)."""
+        table = self._table(region)
+        gone = self._owned(table, idx)
+        shares = self._shares(region, n)
+        changed = {idx} if idx < n else set()
+        if idx < n:
+            shares[idx] = 0
         if not gone:
+            self._write_shares(region, shares, changed)
             return
         if not to:
-            owners = [_layout.NO_SLOT] * len(gone)
-        else:
-            start = idx % len(to)
-            owners = [to[(start + i) % len(to)] for i in range(len(gone))]
+            self._write_buckets(region, gone, [_layout.NO_SLOT] * len(gone))
+            self._write_shares(region, shares, changed)
+            return
+        live = [shares[i] for i in to]
+        owners = []
+        low, pos = min(live), 0
+        for _b in gone:
+            while True:
+                try:
+                    j = live.index(low, pos)
+                    break
+                except ValueError:
+                    low, pos = low + 1, 0
+            pos = j + 1
+            live[j] += 1
+            owners.append(to[j])
+            changed.add(to[j])
+            shares[to[j]] += 1
         self._write_buckets(region, gone, owners)
+        self._write_shares(region, shares, changed)
 
-    def _rename_buckets(self, region: int, old: int, new: int) -> None:
+    def _rename_buckets(self, region: int, old: int, new: int, n: int) -> None:
         """A socket moved from index ``old`` to ``new``: its buckets follow it (its flows stay)."""
         moved = self._owned(self._table(region), old)
         self._write_buckets(region, moved, [new] * len(moved))
+        shares = self._shares(region, n)
+        shares[new], shares[old] = shares[old], 0
+        self._write_shares(region, shares, {old, new})
 
     # -- changes (lock held) ----------------------------------------------
 
@@ -293,7 +360,7 @@ class Slots:
         if idx == n:
             self.set_count(region, n + 1, n)  # publish last: the program never sees a slot before its socket
         owners = sum(1 for c in cookies if c) + 1
-        self._take_buckets(region, idx, owners)
+        self._take_buckets(region, idx, max(n, idx + 1), owners)
 
     def vacate(self, slot: int, cookie: int, gone: bool = False) -> None:
         """Take a socket out of its slot and compact the region.
@@ -305,7 +372,7 @@ class Slots:
         n = self.count(region)
         cookies = self.region_cookies(region, n)
         others = [i for i, c in enumerate(cookies) if c and i != idx]
-        self._hand_over(region, idx, others)  # before the socket leaves: its flows move once
+        self._hand_over(region, idx, others, n)  # before the socket leaves: its flows move once
         _sys.map_delete(self.fds["sockarray"], _U32.pack(slot))
         _sys.map_delete(self.fds["slot_of"], _U64.pack(cookie))
         _sys.map_update(self.fds["slot_cookie"], slot, _U64.pack(0))
@@ -335,7 +402,7 @@ class Slots:
             hole = holes.pop(0)
             _sys.map_delete(self.fds["sockarray"], _U32.pack(base + last))
             self._put(base + hole, fd, cookie)
-            self._rename_buckets(region, last, hole)
+            self._rename_buckets(region, last, hole, n)
             _sys.map_update(self.fds["slot_cookie"], base + last, _U64.pack(0))
             cookies[hole], cookies[last] = cookie, 0
             new_n -= 1
@@ -361,7 +428,7 @@ class Slots:
                     _sys.map_update(self.fds["sockarray"], base + i, _U64.pack(fd))
                     continue
             others = [j for j, c in enumerate(cookies) if c and j != i]
-            self._hand_over(region, i, others)
+            self._hand_over(region, i, others, n)
             _sys.map_delete(self.fds["slot_of"], _U64.pack(cookie))
             _sys.map_update(self.fds["slot_cookie"], base + i, _U64.pack(0))
             entry = self.region_entry(cookie)
@@ -397,6 +464,7 @@ class Slots:
         from ._maps import fill
 
         fill(self.fds["buckets"], self.layout.entries("buckets"), _layout.NO_SLOT)
+        fill(self.fds["bucket_count"], self.layout.entries("bucket_count"), 0)
 
     def _collect_region_entries(self, force: bool = False) -> int:
         """Delete cookie_region entries of sockets closed more than MIGRATION_GRACE ago.
@@ -446,9 +514,13 @@ class Slots:
         return out
 
     def bucket_shares(self, region: int) -> dict[int, int]:
-        """index -> buckets it owns in ``region`` (for tests and status)."""
+        """index -> buckets it owns in ``region``, counted from the table (for tests and status)."""
         out: dict[int, int] = {}
         for owner in array.array("I", self._table(region)):
             if owner != _layout.NO_SLOT:
                 out[owner] = out.get(owner, 0) + 1
         return out
+
+    def recorded_shares(self, region: int) -> dict[int, int]:
+        """index -> buckets bucket_count says it owns (must equal bucket_shares)."""
+        return {i: v for i, v in enumerate(self._shares(region, self.count(region))) if v}

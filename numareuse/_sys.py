@@ -445,8 +445,8 @@ def parse_cpulist(text: str, limit: int | None = None) -> list[int]:
         part = part.strip()
         if not part:
             continue
-        lo, _, hi = part.partition("-")
-        lo_i, hi_i = int(lo), int(hi) if hi else int(lo)
+        lo, dash, hi = part.partition("-")
+        lo_i, hi_i = int(lo), int(hi) if dash else int(lo)
         if lo_i < 0 or lo_i > hi_i:
             raise ValueError(f"bad CPU range {part!r}")
         if limit is not None and hi_i >= limit:

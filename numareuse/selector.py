@@ -9,6 +9,7 @@ truth, so that every process holding their fds sees the same registrations.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import errno
 import os
@@ -225,6 +226,8 @@ class Selector:
             for region, n in enumerate(slots.counts()):
                 if n:  # bucket b -> b mod n: every slot its share, every flow on a socket
                     slots._write_buckets(region, list(range(slots.nb)), [b % n for b in range(slots.nb)])
+                    shares = array.array("I", [len(range(i, slots.nb, n)) for i in range(n)])
+                    slots._write_shares(region, shares, set(range(n)))
             slots.write_spill()
             fd, prog_hash, attach = load_program(self.layout, fds)
         except BaseException:

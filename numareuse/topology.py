@@ -119,14 +119,14 @@ class Topology:
 
 
 def _from_groups(spec: str, groups: list[list[int]]) -> Topology:
+    if len(groups) > MAX_DOMAINS:
+        raise DomainSpecError(f"{len(groups)} domains, at most {MAX_DOMAINS} are supported")
     cpu_domain: dict[int, int] = {}
     for d, cpus in enumerate(groups):
         for c in cpus:
             if c in cpu_domain:
                 raise DomainSpecError(f"CPU {c} is in domains {cpu_domain[c]} and {d}")
             cpu_domain[c] = d
-    if len(groups) > MAX_DOMAINS:
-        raise DomainSpecError(f"{len(groups)} domains, at most {MAX_DOMAINS} are supported")
     if not any(groups):
         raise DomainSpecError(f"domain spec {spec!r} gives no domain with a CPU")
     return Topology(spec, tuple(tuple(g) for g in groups), cpu_domain)
