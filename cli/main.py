@@ -288,8 +288,10 @@ def stats(as_json, prometheus, watch, count):
     """Selections per group by outcome, and the share served on the local domain.
 
     Outcomes: local (a socket of the packet's domain), wildcard (the domain
-    had none), fallback (no registered socket: the kernel's hash),
-    empty_skipped (slots of closed sockets probed past).
+    had none), remote (neither had one: a socket of another domain),
+    fallback (no registered socket at all: the kernel's hash), empty_skipped
+    (slots of closed sockets probed past). migrated_* count the connections
+    of closing listeners placed the same way (Linux 5.14+).
     """
     _reader()
     if as_json and prometheus:
@@ -328,9 +330,12 @@ def _print_stats(groups, as_json, prometheus, prev, dt):
         c = g["counters"]
         loc = "-" if g["locality"] is None else f"{100 * g['locality']:.1f}%"
         line = (
-            f"{g['name']}  local={c['local']} wildcard={c['wildcard']} fallback={c['fallback']} "
-            f"empty_skipped={c['empty_skipped']} locality={loc}"
+            f"{g['name']}  local={c['local']} wildcard={c['wildcard']} remote={c.get('remote', 0)} "
+            f"fallback={c['fallback']} empty_skipped={c['empty_skipped']} locality={loc}"
         )
+        migrated = {k[len("migrated_") :]: v for k, v in c.items() if k.startswith("migrated_") and v}
+        if migrated:
+            line += "  migrated: " + " ".join(f"{k}={v}" for k, v in migrated.items())
         if "rates" in g:
             r = g["rates"]
             line += f"  ({r['local']}/s local, {r['wildcard']}/s wildcard, {r['fallback']}/s fallback)"
