@@ -30,7 +30,7 @@ import threading
 import time
 import weakref
 
-from . import _layout, _sys
+from . import _crash, _layout, _sys
 from .errors import CapacityError, NumaReuseError, StateError
 
 _U32 = struct.Struct("=I")
@@ -205,6 +205,7 @@ class Slots:
                     errno=errno.EBUSY,
                 ) from None
             _sys.map_update(self.fds["sockarray"], slot, _U64.pack(fd))
+        _crash.point("insert.put")
         _sys.map_update(self.fds["slot_cookie"], slot, _U64.pack(cookie))
         _sys.map_update_u64key(self.fds["slot_of"], cookie, _U32.pack(slot))
 
@@ -359,6 +360,7 @@ class Slots:
         self.set_region_entry(cookie, region)
         if idx == n:
             self.set_count(region, n + 1, n)  # publish last: the program never sees a slot before its socket
+        _crash.point("insert.counted")
         owners = sum(1 for c in cookies if c) + 1
         self._take_buckets(region, idx, max(n, idx + 1), owners)
 
@@ -374,6 +376,7 @@ class Slots:
         others = [i for i, c in enumerate(cookies) if c and i != idx]
         self._hand_over(region, idx, others, n)  # before the socket leaves: its flows move once
         _sys.map_delete(self.fds["sockarray"], _U32.pack(slot))
+        _crash.point("move.vacated")
         _sys.map_delete(self.fds["slot_of"], _U64.pack(cookie))
         _sys.map_update(self.fds["slot_cookie"], slot, _U64.pack(0))
         if gone:
@@ -401,6 +404,7 @@ class Slots:
                 break  # cannot move it: the hole stays, the program probes past it
             hole = holes.pop(0)
             _sys.map_delete(self.fds["sockarray"], _U32.pack(base + last))
+            _crash.point("compact.moved")
             self._put(base + hole, fd, cookie)
             self._rename_buckets(region, last, hole, n)
             _sys.map_update(self.fds["slot_cookie"], base + last, _U64.pack(0))

@@ -13,7 +13,7 @@ import os
 import shutil
 import time
 
-from . import _sys, discovery, topology
+from . import _crash, _sys, discovery, topology
 from ._layout import COUNTERS, DEFAULT_CAPACITY, LAYOUT_VERSION, SELECTION_OUTCOMES
 from .errors import NotInGroupError, NumaReuseError, ProcessGone, StateError, from_oserror
 from .selector import WILDCARD, Selector
@@ -77,6 +77,7 @@ def _fresh(store: Store, group, socks, topo, capacity, progress, replacing: Sele
         sel.use_group(socks[0].fd)
         try:
             staged = store.stage(group, sel)  # pinned before attached: a crash leaves it findable
+            _crash.point("attach.staged")
             drained: set[int] = set()
             if replacing is not None:
                 # a socket fits in one sockarray only: empty the old one first; its program
@@ -84,12 +85,14 @@ def _fresh(store: Store, group, socks, topo, capacity, progress, replacing: Sele
                 before = {r["cookie"]: r["domain"] for r in replacing.registrations() if r["live"]}
                 drained = replacing.drained()
                 replacing.clear()
+                _crash.point("replace.cleared")
             for s in socks:  # fill every region before the program sees a packet
                 if s.cookie in drained:
                     sel.drain(s.fd, timeout=0, grace=0)  # stays drained in the new selector
                 else:
                     sel.register(s.fd, s.domain)
             sel.attach(socks[0].fd)  # atomically replaces the old program, if any
+            _crash.point("attach.attached")
             store.commit(staged, group, _info(group, topo, socks))
         except BaseException:
             _undo(sel, socks, replacing, before)
@@ -181,6 +184,7 @@ def _swap_program(store: Store, group, sel: Selector, socks, topo, progress) -> 
     else:
         sel.reload_program()
     staged = store.stage(group, sel)
+    _crash.point("swap.loaded")
     try:
         sel.attach(socks[0].fd)
         store.commit(staged, group, _info(group, topo, socks))
@@ -236,6 +240,7 @@ def detach(port: int, address: str | None = None, udp: bool = False, ipv6: bool 
             raise from_oserror(e, "detaching the program (SO_DETACH_REUSEPORT_BPF)") from e
         finally:
             discovery.close_all(socks)
+        _crash.point("detach.detached")
         with contextlib.suppress(StateError):
             sel = store.open(name)
             try:

@@ -1,0 +1,29 @@
+"""Crash injection for tests: NUMAREUSE_CRASH_AT=<step> kills this process with SIGKILL at that step.
+
+Each step is a point between two kernel-visible changes (a map update, an
+attach, a rename) where a real crash would leave partial state behind. The
+tests kill the CLI or the library at every one of them and check that the
+next attach, detach and status converge, and that no connection failed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+STEPS = (
+    "insert.put",  # a socket in its slot, its bookkeeping not yet written
+    "insert.counted",  # bookkeeping and count written, the buckets not yet
+    "move.vacated",  # a moving socket out of its old slot, not yet in its new one
+    "compact.moved",  # a region's tail socket out of its slot, not yet in the hole
+    "attach.staged",  # a new selector pinned under a staging name, not attached
+    "attach.attached",  # its program attached, the pins not yet renamed into place
+    "replace.cleared",  # the old selector emptied for a domain-spec change, the new one not yet filled
+    "swap.loaded",  # a new program loaded over the pinned maps, not yet attached
+    "detach.detached",  # the program detached, the state not yet removed
+)
+
+
+def point(step: str) -> None:
+    if os.environ.get("NUMAREUSE_CRASH_AT") == step:
+        os.kill(os.getpid(), signal.SIGKILL)
