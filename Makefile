@@ -8,6 +8,8 @@ STAMP := $(VENV)/.installed
 # nginx/haproxy/wrk/iproute2 for end-to-end tests, qemu/busybox for the VM runner.
 APT_PKGS := python3-bpfcc libbpfcc bpfcc-tools linux-headers-amd64 bpftool \
             nginx-light haproxy wrk iproute2 numactl procps
+# Debian's kernel headers of its other architectures: tests check numareuse's syscall numbers against them.
+CROSS_PKGS := $(foreach a,arm64 armel armhf i386 mips64el mipsel ppc64el s390x,linux-libc-dev-$(a)-cross)
 VM_PKGS := qemu-system-x86 linux-image-amd64 busybox-static cpio
 PYTEST_ARGS ?=
 
@@ -27,7 +29,7 @@ endef
 setup: apt venv
 
 apt:
-	$(call apt_install,$(APT_PKGS))
+	$(call apt_install,$(APT_PKGS) $(CROSS_PKGS))
 
 venv: $(STAMP)
 

@@ -50,8 +50,12 @@ MIN_KERNEL_SOCKARRAY = "BPF_MAP_TYPE_REUSEPORT_SOCKARRAY (Linux 4.19)"
 def _raise_memlock() -> None:
     # Before 5.11 map memory is charged to RLIMIT_MEMLOCK (often 64 KiB), and
     # creation fails with EPERM; later kernels charge the memory cgroup.
-    with contextlib.suppress(ValueError, OSError):
+    try:
         resource.setrlimit(resource.RLIMIT_MEMLOCK, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    except (ValueError, OSError):  # no CAP_SYS_RESOURCE (a container): as far as the hard limit goes
+        with contextlib.suppress(ValueError, OSError):
+            hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)[1]
+            resource.setrlimit(resource.RLIMIT_MEMLOCK, (hard, hard))
 
 
 def close_fds(fds: dict[str, int]) -> None:

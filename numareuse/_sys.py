@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import re
 import socket
 import struct
 import threading
@@ -16,9 +17,40 @@ import threading
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 
-# x86_64 / arm64 syscall numbers differ for bpf; pidfd_getfd is 438 everywhere.
-_NR_BPF = {"x86_64": 321, "aarch64": 280}[os.uname().machine]
-_NR_PIDFD_GETFD = 438
+# (bpf, pidfd_getfd, renameat2) for the ABIs of Debian's architectures, as their
+# linux-libc-dev-*-cross headers define them (tests/test_portability.py checks
+# each against those headers). A 32-bit userland on a 64-bit kernel uses its
+# own ABI's numbers, hence the pointer size.
+SYSCALLS = {
+    "x86_64": (321, 438, 316),
+    "i386": (357, 438, 353),
+    "aarch64": (280, 438, 276),
+    "arm": (386, 438, 382),  # EABI (armel, armhf)
+    "ppc64le": (361, 438, 357),
+    "s390x": (351, 438, 347),
+    "mips64": (5315, 5438, 5311),  # n64 (mips64el)
+    "mips": (4355, 4438, 4351),  # o32 (mipsel)
+    "riscv64": (280, 438, 276),  # asm-generic, as aarch64
+    "loongarch64": (280, 438, 276),
+}
+
+
+def abi(machine: str | None = None, bits64: bool | None = None) -> str | None:
+    """The syscall ABI of this process: a key of SYSCALLS, or None when unknown."""
+    m = machine or os.uname().machine
+    wide = struct.calcsize("P") == 8 if bits64 is None else bits64
+    if m in ("x86_64", "amd64") or re.fullmatch(r"i[3-6]86", m):
+        return "x86_64" if wide else "i386"
+    if m in ("aarch64", "arm64") or m.startswith("arm"):
+        return "aarch64" if wide else "arm"
+    if m.startswith("mips"):
+        return "mips64" if wide else "mips"
+    if m.startswith("ppc64") and wide:
+        return "ppc64le"
+    return m if m in SYSCALLS else None
+
+
+_NR_BPF, _NR_PIDFD_GETFD, _NR_RENAMEAT2 = SYSCALLS.get(abi(), (-1, -1, -1))
 
 # enum bpf_cmd (include/uapi/linux/bpf.h)
 BPF_MAP_CREATE = 0
@@ -417,14 +449,31 @@ def attach_reuseport_prog(sock_fd: int, prog_fd: int) -> None:
     _setsockopt(sock_fd, SO_ATTACH_REUSEPORT_EBPF, prog_fd)
 
 
+# r0 = SK_PASS; exit: a program that selects nothing, so the kernel's hash picks
+_PASS_THROUGH = struct.pack("=BBhi", 0xB7, 0, 0, 1) + struct.pack("=BBhi", 0x95, 0, 0, 0)
+
+
 def detach_reuseport_prog(sock_fd: int) -> bool:
-    """Detach the group's program; False when none was attached (ENOENT)."""
+    """Detach the group's program; False when none was attached (ENOENT).
+
+    SO_DETACH_REUSEPORT_BPF is 5.3+. Before it (ENOPROTOOPT), a pass-through
+    program replaces ours: it selects nothing, so the kernel's own hash
+    balances the group again, as after a detach.
+    """
     try:
         _setsockopt(sock_fd, SO_DETACH_REUSEPORT_BPF, 0)
     except OSError as e:
         if e.errno == 2:
             return False
-        raise
+        if e.errno != 92:  # ENOPROTOOPT: the kernel predates the option
+            raise
+        fd, err = prog_load(BPF_PROG_TYPE_SK_REUSEPORT, _PASS_THROUGH, "numareuse_pass", BPF_SK_REUSEPORT_SELECT)
+        if fd < 0:
+            raise OSError(err[0], os.strerror(err[0])) from None
+        try:
+            _setsockopt(sock_fd, SO_ATTACH_REUSEPORT_EBPF, fd)
+        finally:
+            os.close(fd)  # the group holds its own reference
     return True
 
 
@@ -455,7 +504,6 @@ def parse_cpulist(text: str, limit: int | None = None) -> list[int]:
     return sorted(cpus)
 
 
-_NR_RENAMEAT2 = {"x86_64": 316, "aarch64": 276}[os.uname().machine]
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 
