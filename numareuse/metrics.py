@@ -5,8 +5,9 @@ kernel maps and closes them again, as ``numareuse stats`` does; nothing is cache
 series carries ``group``, the name ``numareuse status`` prints (``tcp4 127.0.0.1:8080``,
 ``udp6 [::1]:53``): one stable label that says protocol, family, address and port.
 
-    numareuse_selections_total{group,outcome,cpu,domain}   counter  outcome local|wildcard|fallback
-    numareuse_migrations_total{group,outcome,cpu,domain}   counter  only when the layout has migrate counters
+    numareuse_selections_total{group,outcome,cpu,domain}   counter  outcome local|wildcard|remote|fallback
+    numareuse_migrations_total{group,outcome,cpu,domain}   counter  a closing listener's connections, same outcomes
+    numareuse_migrations_unowned_total{group,cpu,domain}   counter  of those, listener had no region
     numareuse_empty_slots_skipped_total{group,cpu,domain}  counter  slots of closed sockets probed past
     numareuse_locality_ratio{group}                        gauge    local / all selections (once there is one)
     numareuse_registered_sockets{group,domain,state}       gauge    state live|closed, domain 0..n-1|wildcard
@@ -24,15 +25,14 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import struct
 import time
 
 from prometheus_client import CollectorRegistry, generate_latest, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector as _Collector
 
-from . import _layout, _sys, control
-from .errors import NumaReuseError, StateError, wrap
+from . import _layout, control
+from .errors import NumaReuseError, StateError
 from .selector import WILDCARD, Selector
 from .state import Store
 
@@ -40,25 +40,34 @@ from .state import Store
 def _series(counter: str) -> tuple[str, str | None]:
     if counter == "empty_skipped":
         return "empty_skipped", None
+    if counter == "migrated_unowned":  # overlaps the migrated_* outcomes: a series of its own
+        return "migrations_unowned", None
     if counter.startswith("migrate"):
-        return "migrations", counter.removeprefix("migrate").lstrip("_") or counter
+        return "migrations", counter.split("_", 1)[-1]
     return "selections", counter
 
 
 # The one table from kernel counters to series: counter name -> (family, outcome label).
 SERIES: dict[str, tuple[str, str | None]] = {c: _series(c) for c in _layout.COUNTERS}
 
-_COUNTER_FAMILIES = {
+COUNTER_FAMILIES = {
     "selections": (
         "numareuse_selections",
-        "Sockets selected for new connections (datagrams), by outcome: local = a socket of the "
-        "packet's domain, wildcard = that domain had none, fallback = none registered (the kernel's hash).",
+        "Sockets selected for new connections (datagrams), by outcome: local = a socket of the packet's "
+        "domain, wildcard = that domain had none, remote = another domain's (no wildcard socket either), "
+        "fallback = none at all (the kernel's hash).",
         ["group", "outcome", "cpu", "domain"],
     ),
     "migrations": (
         "numareuse_migrations",
-        "Connections of a closing listener moved to another socket, by outcome.",
+        "Connections of a closing listener placed by the program, by outcome (local = the listener's own domain).",
         ["group", "outcome", "cpu", "domain"],
+    ),
+    "migrations_unowned": (
+        "numareuse_migrations_unowned",
+        "Migrated connections whose closing listener had no region (drained or never registered), "
+        "placed by the CPU's domain; also counted in numareuse_migrations_total.",
+        ["group", "cpu", "domain"],
     ),
     "empty_skipped": (
         "numareuse_empty_slots_skipped",
@@ -85,19 +94,6 @@ class ReconcileStats:
             self.errors += 1
 
 
-@wrap("reading the selector's counters")
-def _cpu_stats(sel: Selector) -> dict[int, dict[str, int]]:
-    """Per-CPU counters: Selector.cpu_stats() once the core has it (then this fallback goes)."""
-    if hasattr(sel, "cpu_stats"):
-        return sel.cpu_stats()
-    out: dict[int, dict[str, int]] = {cpu: {} for cpu in range(sel.ncpus)}
-    for i, name in enumerate(_layout.COUNTERS):
-        raw = _sys.map_lookup(sel.map_fds["counters"], struct.pack("=I", i), 8 * sel.ncpus)
-        for cpu, v in enumerate(struct.unpack(f"={sel.ncpus}Q", raw)):
-            out[cpu][name] = v
-    return out
-
-
 class Collector(_Collector):
     """The pinned groups of this network namespace as Prometheus series, read at each scrape.
 
@@ -111,7 +107,7 @@ class Collector(_Collector):
         used = {family for family, _ in SERIES.values()}  # no migrations family on a layout without them
         f = {
             k: CounterMetricFamily(name, doc, labels=lab)
-            for k, (name, doc, lab) in _COUNTER_FAMILIES.items()
+            for k, (name, doc, lab) in COUNTER_FAMILIES.items()
             if k in used
         }
         f["locality"] = GaugeMetricFamily(
@@ -168,7 +164,7 @@ class Collector(_Collector):
     def _group(sel: Selector, label: str, spec: str, f: dict) -> None:
         topo = sel.topology
         sums: dict[str, int] = {}
-        for cpu, counters in sorted(_cpu_stats(sel).items()):
+        for cpu, counters in sorted(sel.cpu_stats().items()):
             if cpu not in topo.cpu_domain and not any(counters.values()):
                 continue  # a possible CPU in no domain that never ran the program
             domain = str(topo.cpu_domain.get(cpu, "none"))

@@ -63,12 +63,8 @@ def check(text: str, stats: list[dict], status: list[dict], resent: int) -> None
     assert all(lab.get("group", name) == name for ss in got.values() for lab, _ in ss)
     for counter, value in st["counters"].items():
         family, outcome = metrics.SERIES[counter]
-        series = {
-            "selections": "numareuse_selections_total",
-            "migrations": "numareuse_migrations_total",
-            "empty_skipped": "numareuse_empty_slots_skipped_total",
-        }
-        rows = [(lab, v) for lab, v in got[series[family]] if outcome is None or lab["outcome"] == outcome]
+        series = metrics.COUNTER_FAMILIES[family][0] + "_total"
+        rows = [(lab, v) for lab, v in got[series] if outcome is None or lab["outcome"] == outcome]
         assert {lab["domain"] for lab, _ in rows} == {lab["cpu"] for lab, _ in rows} == {"0", "1"}  # domains=cpu
         assert sum(v for _, v in rows) == value, counter
     per_cpu = {(lab["outcome"], lab["cpu"]): v for lab, v in got["numareuse_selections_total"]}
@@ -85,6 +81,17 @@ def check(text: str, stats: list[dict], status: list[dict], resent: int) -> None
     assert got["numareuse_program_info"] == [({"group": name, "id": str(gs["program_id"]), "domains": "cpu"}, 1.0)]
     assert got["numareuse_group_readable"] == [({"group": name}, 1.0)]
     assert not any(n.startswith(("process_", "python_", "numareuse_watch_")) for n in got)
+
+
+def test_every_counter_has_one_series():
+    by = {}
+    for family, outcome in metrics.SERIES.values():
+        by.setdefault(family, []).append(outcome)
+    assert set(metrics.SERIES) == set(_layout.COUNTERS) and set(by) <= set(metrics.COUNTER_FAMILIES)
+    assert by["selections"] and sorted(by["selections"]) == sorted(_layout.SELECTION_OUTCOMES)
+    # migration outcomes are named as selection outcomes; migrated_unowned overlaps them: its own series
+    assert sorted(by["migrations"]) == sorted(o.split("_", 1)[1] for o in _layout.MIGRATION_OUTCOMES)
+    assert set(by["migrations"]) <= set(by["selections"]) and by["migrations_unowned"] == [None]
 
 
 def test_stats_prometheus_matches_json(attached):
