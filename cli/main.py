@@ -14,7 +14,7 @@ import time
 
 import click
 
-from numareuse import NumaReuseError, VerifierError, control, topology
+from numareuse import NumaReuseError, VerifierError, control, metrics, topology
 from numareuse._layout import DEFAULT_CAPACITY, MAX_CAPACITY
 from numareuse.errors import from_oserror
 
@@ -297,12 +297,12 @@ def stats(as_json, prometheus, watch, count):
     if as_json and prometheus:
         raise click.UsageError("choose one of --json and --prometheus")
     if not watch:
-        _print_stats(control.stats(), as_json, prometheus, None, None)
+        _print_stats(None if prometheus else control.stats(), as_json, prometheus, None, None)
         return
     prev, prev_t, n = None, None, 0
     try:
         while True:
-            cur, now = control.stats(), time.monotonic()
+            cur, now = None if prometheus else control.stats(), time.monotonic()
             _print_stats(cur, as_json, prometheus, prev, (now - prev_t) if prev_t else None)
             prev, prev_t, n = cur, now, n + 1
             if count and n >= count:
@@ -314,15 +314,15 @@ def stats(as_json, prometheus, watch, count):
 
 
 def _print_stats(groups, as_json, prometheus, prev, dt):
+    if prometheus:  # the series `watch --metrics` serves, read afresh (groups is None)
+        click.echo(metrics.render(), nl=False)
+        return
     if dt:
         before = {g["name"]: g for g in prev or []}
         for g in groups:
             p = before.get(g["name"])
             if p and "counters" in g and "counters" in p:
                 g["rates"] = {k: round((v - p["counters"][k]) / dt, 1) for k, v in g["counters"].items()}
-    if prometheus:
-        click.echo(_prometheus(groups), nl=False)
-        return
     if as_json:
         click.echo(json.dumps(groups, sort_keys=True))
         return
@@ -340,32 +340,6 @@ def _print_stats(groups, as_json, prometheus, prev, dt):
             r = g["rates"]
             line += f"  ({r['local']}/s local, {r['wildcard']}/s wildcard, {r['fallback']}/s fallback)"
         click.echo(line)
-
-
-def _prometheus(groups) -> str:
-    out = [
-        "# HELP numareuse_selections_total Sockets selected for new connections, by outcome.",
-        "# TYPE numareuse_selections_total counter",
-    ]
-    for g in groups:
-        if "counters" in g:
-            for k in ("local", "wildcard", "fallback"):
-                out.append(f'numareuse_selections_total{{group="{g["name"]}",outcome="{k}"}} {g["counters"][k]}')
-    out += [
-        "# HELP numareuse_empty_slots_skipped_total Slots of closed sockets probed past.",
-        "# TYPE numareuse_empty_slots_skipped_total counter",
-    ]
-    for g in groups:
-        if "counters" in g:
-            out.append(f'numareuse_empty_slots_skipped_total{{group="{g["name"]}"}} {g["counters"]["empty_skipped"]}')
-    out += [
-        "# HELP numareuse_locality_ratio Share of selections served on the packet's domain.",
-        "# TYPE numareuse_locality_ratio gauge",
-    ]
-    for g in groups:
-        if g.get("locality") is not None:
-            out.append(f'numareuse_locality_ratio{{group="{g["name"]}"}} {g["locality"]}')
-    return "\n".join(out) + "\n"
 
 
 @main.command(

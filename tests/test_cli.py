@@ -151,7 +151,8 @@ def test_status_stats_topology_formats(env, server):
     human = cli("status").stdout
     assert f"127.0.0.1:{srv.port}" in human and "sk:" in human and "owner=" in human
     prom = cli("stats", "--prometheus").stdout
-    assert f'numareuse_selections_total{{group="tcp4 127.0.0.1:{srv.port}",outcome="local"}} 5' in prom
+    labels = f'cpu="0",domain="0",group="tcp4 127.0.0.1:{srv.port}",outcome="local"'
+    assert f"numareuse_selections_total{{{labels}}} 5.0" in prom
     assert "# TYPE numareuse_locality_ratio gauge" in prom
     watch = cli("stats", "--watch", "0.1", "--count", "2", "--json").stdout.strip().splitlines()
     assert len(watch) == 2 and "rates" in json.loads(watch[1])[0]
