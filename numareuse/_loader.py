@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import errno
+import functools
 import glob
 import hashlib
 import json
@@ -52,10 +53,11 @@ def _placeholders() -> dict[str, int]:
     return {key: _PLACEHOLDER + i for i, key in enumerate(_layout.PROGRAM_MAPS)}
 
 
-def _bcc_identity() -> list:
+@functools.cache
+def _bcc_identity() -> tuple:
     """What identifies the compiler: bcc's library files (its LLVM is linked in)."""
     libs = sorted(glob.glob("/usr/lib/*/libbcc.so*") + glob.glob("/usr/lib/libbcc.so*"))
-    return [(os.path.basename(p), os.stat(p).st_size, int(os.stat(p).st_mtime)) for p in libs if os.path.exists(p)]
+    return tuple((os.path.basename(p), os.stat(p).st_size, int(os.stat(p).st_mtime)) for p in libs if os.path.exists(p))
 
 
 def _cache_dir() -> str:
