@@ -19,7 +19,6 @@ lazy (``refresh``, or a full region), since the program copes with them.
 
 from __future__ import annotations
 
-import array
 import contextlib
 import errno
 import fcntl
@@ -30,7 +29,7 @@ import threading
 import time
 import weakref
 
-from . import _crash, _layout, _sys
+from . import _crash, _layout, _maps, _sys
 from .errors import CapacityError, NumaReuseError, StateError
 
 _U32 = struct.Struct("=I")
@@ -115,24 +114,67 @@ def socket_alive(fd: int) -> bool:
         return False
 
 
+def live_fd(sock_fds: dict[int, int], cookie: int) -> int | None:
+    """An fd of the socket with ``cookie`` if this process still holds one (forgotten if not)."""
+    fd = sock_fds.get(cookie)
+    if fd is None:
+        return None
+    try:
+        if _sys.sock_cookie(fd) == cookie:
+            return fd
+    except OSError:
+        pass
+    del sock_fds[cookie]  # closed, or the number now names another file
+    return None
+
+
+def legacy_registrations(fds: dict[str, int], layout: _layout.Layout) -> list[dict]:
+    """registrations() of layout-1 maps (not mappable), one bpf() call per element."""
+    out = []
+    for region in range(layout.nregions):
+        n = _U32.unpack(_sys.map_lookup(fds["region_count"], _U32.pack(region), 4))[0]
+        for i in range(min(n, layout.capacity)):
+            slot = region * layout.capacity + i
+            cookie = _U64.unpack(_sys.map_lookup(fds["slot_cookie"], _U32.pack(slot), 8))[0]
+            if cookie:
+                v = _sys.map_lookup(fds["sockarray"], _U32.pack(slot), 8)
+                live = v is not None and _U64.unpack(v)[0] == cookie
+                out.append({"slot": slot, "region": region, "cookie": cookie, "live": live})
+    return out
+
+
+def legacy_clear(fds: dict[str, int], layout: _layout.Layout) -> None:
+    for region in range(layout.nregions):
+        _sys.map_update(fds["region_count"], region, _U32.pack(0))
+    for slot in range(layout.nslots):
+        _sys.map_delete(fds["sockarray"], _U32.pack(slot))
+        _sys.map_update(fds["slot_cookie"], slot, _U64.pack(0))
+
+
 class Slots:
     """Slot bookkeeping over one selector's maps. Callers hold the lock for changes."""
 
-    def __init__(self, fds: dict[str, int], layout: _layout.Layout):
+    def __init__(self, fds: dict[str, int], layout: _layout.Layout, sock_fds: dict[int, int] | None = None):
         self.fds, self.layout = fds, layout
         self.cap, self.nb = layout.capacity, layout.nbuckets
-        self.sock_fds: dict[int, int] = {}  # cookie -> an fd of it in this process (the caller's, not a dup)
+        self.v = _maps.Views(fds, layout)
+        # cookie -> an fd of that socket in this process (the caller's, not a dup)
+        self.sock_fds: dict[int, int] = {} if sock_fds is None else sock_fds
+
+    def close(self) -> None:
+        self.v.close()
 
     # -- primitives -------------------------------------------------------
 
     def count(self, region: int) -> int:
-        return _U32.unpack(_sys.map_lookup(self.fds["region_count"], _U32.pack(region), 4))[0]
+        return self.v.get("region_count", region)
 
     def counts(self) -> list[int]:
-        raw = _sys.map_lookup_batch(self.fds["region_count"], 0, self.layout.nregions, 4)
-        return list(array.array("I", raw))
+        return self.v.span("region_count", 0, self.layout.nregions)
 
     def set_count(self, region: int, n: int, old: int) -> None:
+        # through bpf(), not the mapping: a syscall orders the count after the
+        # slot's fill on every CPU (a plain store may become visible first on arm64)
         _sys.map_update(self.fds["region_count"], region, _U32.pack(n))
         if (old == 0) != (n == 0):
             self.write_spill()
@@ -140,23 +182,19 @@ class Slots:
     def write_spill(self) -> None:
         """The list of regions with a socket, for the program's remote step (entries first, then k)."""
         nonempty = [r for r, n in enumerate(self.counts()) if n]
-        fd = self.fds["spill"]
-        if nonempty:
-            _sys.map_update_batch(fd, list(range(1, len(nonempty) + 1)), b"".join(_U32.pack(r) for r in nonempty))
-        _sys.map_update(fd, 0, _U32.pack(len(nonempty)))
+        for i, r in enumerate(nonempty):
+            self.v.put("spill", 1 + i, r)
+        _sys.map_update(self.fds["spill"], 0, _U32.pack(len(nonempty)))
 
     def slot_of(self, cookie: int) -> int | None:
         v = _sys.map_lookup(self.fds["slot_of"], _U64.pack(cookie), 4)
         return None if v is None else _U32.unpack(v)[0]
 
     def slot_cookie(self, slot: int) -> int:
-        return _U64.unpack(_sys.map_lookup(self.fds["slot_cookie"], _U32.pack(slot), 8))[0]
+        return self.v.get("slot_cookie", slot)
 
     def region_cookies(self, region: int, n: int) -> list[int]:
-        if n == 0:
-            return []
-        raw = _sys.map_lookup_batch(self.fds["slot_cookie"], region * self.cap, n, 8)
-        return list(array.array("Q", raw))
+        return self.v.span("slot_cookie", region * self.cap, n)
 
     def live(self, slot: int, cookie: int | None = None) -> bool:
         """The slot holds a socket (``cookie``'s, when given: a sockarray lookup returns the cookie)."""
@@ -177,17 +215,7 @@ class Slots:
             _sys.map_update_u64key(self.fds["cookie_region"], cookie, _CR.pack(region, since))
 
     def live_fd(self, cookie: int) -> int | None:
-        """An fd of the socket with ``cookie`` if this process still holds one."""
-        fd = self.sock_fds.get(cookie)
-        if fd is None:
-            return None
-        try:
-            if _sys.sock_cookie(fd) == cookie:
-                return fd
-        except OSError:
-            pass
-        del self.sock_fds[cookie]  # closed, or the number now names another file
-        return None
+        return live_fd(self.sock_fds, cookie)
 
     def _put(self, slot: int, fd: int, cookie: int) -> None:
         # socket first, bookkeeping after: the program only reads the sockarray
@@ -206,7 +234,7 @@ class Slots:
                 ) from None
             _sys.map_update(self.fds["sockarray"], slot, _U64.pack(fd))
         _crash.point("insert.put")
-        _sys.map_update(self.fds["slot_cookie"], slot, _U64.pack(cookie))
+        self.v.put("slot_cookie", slot, cookie)
         _sys.map_update_u64key(self.fds["slot_of"], cookie, _U32.pack(slot))
 
     def _remove_orphan(self, cookie: int) -> bool:
@@ -225,28 +253,27 @@ class Slots:
     # hands its buckets one at a time to the owners with the fewest. Only the
     # buckets that change owner are written, so ~1/n of the flows move.
 
+    _PAD = b"\0" * 4  # the upper half of a u32 element's 8 bytes in memory
+
     def _table(self, region: int) -> bytes:
-        return _sys.map_lookup_batch(self.fds["buckets"], region * self.nb, self.nb, 4)
+        """The region's buckets as raw memory: 8 bytes each, the owner in the first 4."""
+        return self.v.span_bytes("buckets", region * self.nb, self.nb)
 
-    def _shares(self, region: int, n: int) -> array.array:
-        if n == 0:
-            return array.array("I")
-        return array.array("I", _sys.map_lookup_batch(self.fds["bucket_count"], region * self.cap, n, 4))
+    def _shares(self, region: int, n: int) -> list[int]:
+        return self.v.span("bucket_count", region * self.cap, n)
 
-    def _write_shares(self, region: int, shares: array.array, changed: set[int]) -> None:
-        idxs = sorted(changed)
-        if idxs:
-            vals = struct.pack(f"={len(idxs)}I", *(shares[i] for i in idxs))
-            _sys.map_update_batch(self.fds["bucket_count"], [region * self.cap + i for i in idxs], vals)
+    def _write_shares(self, region: int, shares: list[int], changed: set[int]) -> None:
+        base = region * self.cap
+        for i in changed:
+            self.v.put("bucket_count", base + i, shares[i])
 
-    @staticmethod
-    def _find(table: bytes, idx: int, start: int = 0) -> int:
+    def _find(self, table: bytes, idx: int, start: int = 0) -> int:
         """The first bucket at or after ``start`` that names ``idx``, else -1 (a C-speed scan)."""
-        pat = _U32.pack(idx)
-        pos = table.find(pat, start * 4)
-        while pos >= 0 and pos % 4:
+        pat = _U32.pack(idx) + self._PAD
+        pos = table.find(pat, start * 8)
+        while pos >= 0 and pos % 8:
             pos = table.find(pat, pos + 1)
-        return pos // 4 if pos >= 0 else -1
+        return pos // 8 if pos >= 0 else -1
 
     def _owned(self, table: bytes, idx: int) -> list[int]:
         out, b = [], self._find(table, idx)
@@ -257,19 +284,23 @@ class Slots:
 
     def _write_buckets(self, region: int, buckets: list[int], owners: list[int]) -> None:
         base = region * self.nb
-        vals = struct.pack(f"={len(owners)}I", *owners)
-        _sys.map_update_batch(self.fds["buckets"], [base + b for b in buckets], vals)
+        for b, owner in zip(buckets, owners):
+            self.v.put("buckets", base + b, owner)
 
     def _take_buckets(self, region: int, idx: int, n: int, owners: int) -> None:
         """Give index ``idx`` (new in a region of ``n`` indexes, ``owners`` live) its share of buckets."""
         shares = self._shares(region, n)
         if owners <= 1 or not any(shares):
-            self._write_buckets(region, list(range(self.nb)), [idx] * self.nb)
-            shares = array.array("I", [0] * n)
+            self.v.fill("buckets", idx, region * self.nb, self.nb)
+            shares = [0] * n
             shares[idx] = self.nb
             self._write_shares(region, shares, set(range(n)))
             return
-        table, want = self._table(region), self.nb // owners
+        want = self.nb // owners
+        if want > 16:  # few owners: level the donors down in bulk
+            self._take_in_bulk(region, idx, n, shares, want)
+            return
+        table = self._table(region)
         taken, changed, nxt = [], {idx}, {}
         top, pos = max(shares), 0
         while len(taken) < want and top > 0:
@@ -292,6 +323,25 @@ class Slots:
         self._write_buckets(region, taken, [idx] * len(taken))
         self._write_shares(region, shares, changed)
 
+    def _take_in_bulk(self, region: int, idx: int, n: int, shares: list[int], want: int) -> None:
+        """_take_buckets for a large share: each donor keeps an equal part of what stays (the larger ones one more)."""
+        donors = sorted((i for i in range(n) if shares[i] and i != idx), key=shares.__getitem__, reverse=True)
+        stay = sum(shares[d] for d in donors) - want
+        base, extra = divmod(stay, len(donors))
+        table = self.v.span("buckets", region * self.nb, self.nb)
+        taken, changed = [], {idx}
+        for rank, d in enumerate(donors):
+            pos = 0
+            for _ in range(max(0, shares[d] - base - (rank < extra))):
+                pos = table.index(d, pos)
+                taken.append(pos)
+                pos += 1
+                shares[d] -= 1
+            changed.add(d)
+        shares[idx] = len(taken)
+        self._write_buckets(region, taken, [idx] * len(taken))
+        self._write_shares(region, shares, changed)
+
     def _hand_over(self, region: int, idx: int, to: list[int], n: int) -> None:
         """Give ``idx``'s buckets to the indexes ``to``, each to one with the fewest (NO_SLOT if none)."""
         table = self._table(region)
@@ -304,7 +354,7 @@ class Slots:
             self._write_shares(region, shares, changed)
             return
         if not to:
-            self._write_buckets(region, gone, [_layout.NO_SLOT] * len(gone))
+            self._write_buckets(region, gone, [_layout.NO_SLOT] * len(gone))  # the program falls back to the hash
             self._write_shares(region, shares, changed)
             return
         live = [shares[i] for i in to]
@@ -361,7 +411,7 @@ class Slots:
         if idx == n:
             self.set_count(region, n + 1, n)  # publish last: the program never sees a slot before its socket
         _crash.point("insert.counted")
-        owners = sum(1 for c in cookies if c) + 1
+        owners = len(cookies) - cookies.count(0) + 1  # live ones, and this one
         self._take_buckets(region, idx, max(n, idx + 1), owners)
 
     def vacate(self, slot: int, cookie: int, gone: bool = False) -> None:
@@ -378,7 +428,7 @@ class Slots:
         _sys.map_delete(self.fds["sockarray"], _U32.pack(slot))
         _crash.point("move.vacated")
         _sys.map_delete(self.fds["slot_of"], _U64.pack(cookie))
-        _sys.map_update(self.fds["slot_cookie"], slot, _U64.pack(0))
+        self.v.put("slot_cookie", slot, 0)
         if gone:
             entry = self.region_entry(cookie)
             if entry is not None and entry[1] == 0:
@@ -407,7 +457,7 @@ class Slots:
             _crash.point("compact.moved")
             self._put(base + hole, fd, cookie)
             self._rename_buckets(region, last, hole, n)
-            _sys.map_update(self.fds["slot_cookie"], base + last, _U64.pack(0))
+            self.v.put("slot_cookie", base + last, 0)
             cookies[hole], cookies[last] = cookie, 0
             new_n -= 1
         if new_n != n:
@@ -434,7 +484,7 @@ class Slots:
             others = [j for j, c in enumerate(cookies) if c and j != i]
             self._hand_over(region, i, others, n)
             _sys.map_delete(self.fds["slot_of"], _U64.pack(cookie))
-            _sys.map_update(self.fds["slot_cookie"], base + i, _U64.pack(0))
+            self.v.put("slot_cookie", base + i, 0)
             entry = self.region_entry(cookie)
             if entry is not None and entry[1] == 0:
                 self.set_region_entry(cookie, entry[0], _now())
@@ -457,18 +507,16 @@ class Slots:
         for region in range(self.layout.nregions):
             _sys.map_update(self.fds["region_count"], region, _U32.pack(0))
         _sys.map_update(self.fds["spill"], 0, _U32.pack(0))
-        cookies = array.array("Q", _sys.map_lookup_batch(self.fds["slot_cookie"], 0, self.layout.nslots, 8))
+        cookies = self.v.span("slot_cookie", 0, self.layout.nslots)
         for slot, cookie in enumerate(cookies):
             # every slot, not only those below the counts: an interrupted
             # operation may have left a socket above a count
             if cookie or self.live(slot):
                 _sys.map_delete(self.fds["sockarray"], _U32.pack(slot))
                 _sys.map_delete(self.fds["slot_of"], _U64.pack(cookie))
-                _sys.map_update(self.fds["slot_cookie"], slot, _U64.pack(0))
-        from ._maps import fill
-
-        fill(self.fds["buckets"], self.layout.entries("buckets"), _layout.NO_SLOT)
-        fill(self.fds["bucket_count"], self.layout.entries("bucket_count"), 0)
+                self.v.put("slot_cookie", slot, 0)
+        self.v.fill("buckets", _layout.NO_SLOT)
+        self.v.fill("bucket_count", 0)
 
     def _collect_region_entries(self, force: bool = False) -> int:
         """Delete cookie_region entries of sockets closed more than MIGRATION_GRACE ago.
@@ -520,7 +568,7 @@ class Slots:
     def bucket_shares(self, region: int) -> dict[int, int]:
         """index -> buckets it owns in ``region``, counted from the table (for tests and status)."""
         out: dict[int, int] = {}
-        for owner in array.array("I", self._table(region)):
+        for owner in self.v.span("buckets", region * self.nb, self.nb):
             if owner != _layout.NO_SLOT:
                 out[owner] = out.get(owner, 0) + 1
         return out

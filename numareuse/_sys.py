@@ -178,8 +178,11 @@ def _bpf(cmd: int, attr: ctypes.Structure) -> int:
     return ret
 
 
-def map_create(map_type: int, key_size: int, value_size: int, max_entries: int, name: str) -> int:
-    attr = _MapCreate(map_type, key_size, value_size, max_entries)
+BPF_F_MMAPABLE = 1 << 10  # 5.5+: an ARRAY map user space can mmap
+
+
+def map_create(map_type: int, key_size: int, value_size: int, max_entries: int, name: str, flags: int = 0) -> int:
+    attr = _MapCreate(map_type, key_size, value_size, max_entries, flags)
     attr.map_name = name.encode()[:15]
     return _bpf(BPF_MAP_CREATE, attr)
 
@@ -190,18 +193,31 @@ def _elem(cmd: int, fd: int, key: bytes, value, flags: int = 0) -> None:
     _bpf(cmd, attr)
 
 
+def _update(fd: int, key: bytes, value: bytes, flags: int) -> None:
+    s = _lookup_scratch
+    if len(key) > s.SIZE or len(value) > s.SIZE:
+        vbuf = ctypes.create_string_buffer(value, len(value))
+        _elem(BPF_MAP_UPDATE_ELEM, fd, key, vbuf, flags)
+        return
+    s.key.raw, s.value.raw = key, value  # the scratch buffers: no allocation on the controller's hot path
+    s.attr.map_fd, s.attr.flags = fd, flags
+    ret = _libc.syscall(_NR_BPF, BPF_MAP_UPDATE_ELEM, s.ref, _MAP_ELEM_SIZE)
+    s.attr.flags = 0
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
 def map_update(fd: int, key: int, value: bytes, flags: int = BPF_ANY) -> None:
-    vbuf = ctypes.create_string_buffer(value, len(value))
-    _elem(BPF_MAP_UPDATE_ELEM, fd, struct.pack("=I", key), vbuf, flags)
+    _update(fd, struct.pack("=I", key), value, flags)
 
 
 def map_update_u64key(fd: int, key: int, value: bytes, flags: int = BPF_ANY) -> None:
-    vbuf = ctypes.create_string_buffer(value, len(value))
-    _elem(BPF_MAP_UPDATE_ELEM, fd, struct.pack("=Q", key), vbuf, flags)
+    _update(fd, struct.pack("=Q", key), value, flags)
 
 
 class _LookupScratch(threading.local):
-    """Per-thread key/value buffers and attr for map_lookup, the controller's hot call.
+    """Per-thread key/value buffers and attrs for map lookups, updates and deletes (the hot calls).
 
     A register or sweep looks up one or two elements per slot of a region;
     allocating ctypes buffers and the attr for each costed more than the
@@ -215,6 +231,9 @@ class _LookupScratch(threading.local):
         self.value = ctypes.create_string_buffer(self.SIZE)
         self.attr = _MapElem(0, 0, ctypes.addressof(self.key), ctypes.addressof(self.value), 0)
         self.ref = ctypes.byref(self.attr)
+        # a delete's attr ends at the key: the kernel refuses a non-zero value field
+        self.del_attr = _MapElem(0, 0, ctypes.addressof(self.key), 0, 0)
+        self.del_ref = ctypes.byref(self.del_attr)
 
 
 _lookup_scratch = _LookupScratch()
@@ -245,12 +264,14 @@ def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
 
 def map_delete(fd: int, key: bytes) -> bool:
     """Delete; False when there was nothing to delete."""
-    try:
-        _elem(BPF_MAP_DELETE_ELEM, fd, key, None)
-    except OSError as e:
-        if e.errno == 2:
+    s = _lookup_scratch
+    s.key.raw = key[: s.SIZE]
+    s.del_attr.map_fd = fd
+    if _libc.syscall(_NR_BPF, BPF_MAP_DELETE_ELEM, s.del_ref, _MAP_ELEM_SIZE) < 0:
+        err = ctypes.get_errno()
+        if err == 2:
             return False
-        raise
+        raise OSError(err, os.strerror(err))
     return True
 
 

@@ -9,7 +9,6 @@ truth, so that every process holding their fds sees the same registrations.
 
 from __future__ import annotations
 
-import array
 import contextlib
 import errno
 import os
@@ -124,7 +123,9 @@ class Selector:
         self.prog_hash = prog_hash
         self._fds = fds
         self._prog_fd = prog_fd
-        self._slots = _slots.Slots(fds, layout)
+        self._sock_fds: dict[int, int] = {}
+        # layout-1 state (not mappable) is only read, cleared or upgraded
+        self._slots = _slots.Slots(fds, layout, self._sock_fds) if version == _layout.LAYOUT_VERSION else None
         self._lock_fd = os.memfd_create("numareuse-lock")  # close-on-exec: a lock is never inherited by exec
         self._lock = _slots.Lock(self._lock_fd)
         self._group: tuple | None = None
@@ -219,25 +220,29 @@ class Selector:
         fds = {k: v for k, v in self._fds.items() if k not in new}
         old = {k: self._fds[k] for k in new if k in self._fds}
         fds.update(new)
-        slots = _slots.Slots(fds, self.layout)
         try:
-            for r in self._slots.registrations():
+            slots = _slots.Slots(fds, self.layout, self._sock_fds)
+        except BaseException:
+            _maps.close_fds(new)
+            raise
+        try:
+            for r in _slots.legacy_registrations(self._fds, self.layout):
                 slots.set_region_entry(r["cookie"], r["region"])
             for region, n in enumerate(slots.counts()):
                 if n:  # bucket b -> b mod n: every slot its share, every flow on a socket
                     slots._write_buckets(region, list(range(slots.nb)), [b % n for b in range(slots.nb)])
-                    shares = array.array("I", [len(range(i, slots.nb, n)) for i in range(n)])
+                    shares = [len(range(i, slots.nb, n)) for i in range(n)]
                     slots._write_shares(region, shares, set(range(n)))
             slots.write_spill()
             fd, prog_hash, attach = load_program(self.layout, fds)
         except BaseException:
+            slots.close()
             _maps.close_fds(new)
             raise
         _maps.write_meta(fds["meta"], self.layout, attach, prog_hash)
         _maps.close_fds(old)
         os.close(self._prog_fd)
         self._fds, self._slots = fds, slots
-        self._slots.sock_fds.update(slots.sock_fds)
         self._prog_fd, self.prog_hash, self.attach_type = fd, prog_hash, attach
         self.layout_version = _layout.LAYOUT_VERSION
 
@@ -267,7 +272,7 @@ class Selector:
         if self._group is not None and key != self._group:
             raise NumaReuseError(f"already attached to group {self._group[3]}; use one Selector per group")
         self._group = key
-        self._slots.sock_fds[_sys.sock_cookie(fd)] = fd
+        self._sock_fds[_sys.sock_cookie(fd)] = fd
 
     def attach(self, sock) -> None:
         """Attach the program to the SO_REUSEPORT group of ``sock`` (any socket of it).
@@ -290,8 +295,8 @@ class Selector:
     def _any_group_fd(self, sock=None) -> int | None:
         if sock is not None:
             return self._member(sock)[0]
-        for cookie in list(self._slots.sock_fds):
-            fd = self._slots.live_fd(cookie)
+        for cookie in list(self._sock_fds):
+            fd = _slots.live_fd(self._sock_fds, cookie)
             if fd is not None:
                 return fd
         return None
@@ -427,15 +432,10 @@ class Selector:
         busy), so a replacement selector needs the old one cleared first.
         """
         with self._lock():
-            if self.layout_version == _layout.LAYOUT_VERSION:
+            if self._slots is not None:
                 self._slots.clear()
-                return
-            for region in range(self.layout.nregions):  # layout 1: no buckets, no spill
-                _sys.map_update(self._fds["region_count"], region, _U32.pack(0))
-            for slot in range(self.layout.nslots):
-                if self._slots.slot_cookie(slot) or self._slots.live(slot):
-                    _sys.map_delete(self._fds["sockarray"], _U32.pack(slot))
-                    _sys.map_update(self._fds["slot_cookie"], slot, struct.pack("=Q", 0))
+            else:
+                _slots.legacy_clear(self._fds, self.layout)
 
     # -- reading ----------------------------------------------------------
 
@@ -443,7 +443,11 @@ class Selector:
     def registrations(self) -> list[dict]:
         """Every registered socket: slot, domain (WILDCARD for the wildcard), cookie, live."""
         with self._lock(shared=True):
-            out = self._slots.registrations()
+            out = (
+                self._slots.registrations()
+                if self._slots is not None
+                else _slots.legacy_registrations(self._fds, self.layout)
+            )
         for r in out:
             r["domain"] = WILDCARD if r.pop("region") == self.ndomains else r["slot"] // self.capacity
         return out
@@ -487,13 +491,15 @@ class Selector:
                         self.detach()
         finally:
             self._group, self._attached = None, False
+            if self._slots is not None:
+                self._slots.close()
             _maps.close_fds(self._fds)
             for fd in (self._prog_fd, self._lock_fd):
                 if fd >= 0:
                     with contextlib.suppress(OSError):
                         os.close(fd)
             self._prog_fd = self._lock_fd = -1
-            self._slots.sock_fds.clear()
+            self._sock_fds.clear()
 
     def __enter__(self) -> Selector:
         return self
