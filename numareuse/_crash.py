@@ -18,7 +18,7 @@ STEPS = (
     "compact.moved",  # a region's tail socket out of its slot, not yet in the hole
     "attach.staged",  # a new selector pinned under a staging name, not attached
     "attach.attached",  # its program attached, the pins not yet renamed into place
-    "replace.cleared",  # the old selector emptied for a domain-spec change, the new one not yet filled
+    "replace.cleared",  # a domain-spec change: all but one socket moved to the new selector, not yet attached
     "swap.loaded",  # a new program loaded over the pinned maps, not yet attached
     "detach.detached",  # the program detached, the state not yet removed
 )

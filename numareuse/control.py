@@ -80,18 +80,35 @@ def _fresh(store: Store, group, socks, topo, capacity, progress, replacing: Sele
             _crash.point("attach.staged")
             drained: set[int] = set()
             if replacing is not None:
-                # a socket fits in one sockarray only: empty the old one first; its program
-                # then leaves every choice to the kernel's hash until the swap below
                 before = {r["cookie"]: r["domain"] for r in replacing.registrations() if r["live"]}
                 drained = replacing.drained()
-                replacing.clear()
-                _crash.point("replace.cleared")
-            for s in socks:  # fill every region before the program sees a packet
+                for s in socks:
+                    replacing.use_group(s.fd)  # its compaction may move any of them
+
+            def move(s) -> None:
+                # a socket fits in one sockarray only: out of the old one, into the new one
+                if replacing is not None:
+                    replacing.unregister(s.fd)
                 if s.cookie in drained:
                     sel.drain(s.fd, timeout=0, grace=0)  # stays drained in the new selector
                 else:
                     sel.register(s.fd, s.domain)
-            sel.attach(socks[0].fd)  # atomically replaces the old program, if any
+
+            # Fill the new selector before its program sees a packet. When it replaces
+            # one, the sockets move one at a time and the old program keeps steering to
+            # those still in it (another domain's, when its own are gone: never the
+            # kernel's hash); the new program is attached while one socket is left in
+            # the old selector, and that one moves last.
+            for s in socks[:-1]:
+                move(s)
+            if replacing is not None:
+                _crash.point("replace.cleared")
+                sel.attach(socks[0].fd)  # atomically replaces the old program
+                move(socks[-1])
+                replacing.clear()  # what is left: slots of sockets closed since
+            else:
+                move(socks[-1])
+                sel.attach(socks[0].fd)
             _crash.point("attach.attached")
             store.commit(staged, group, _info(group, topo, socks))
         except BaseException:

@@ -135,3 +135,34 @@ def test_a_changed_program_is_swapped_over_the_same_maps(env, server):  # noqa: 
     assert _counters(srv.port)["fallback"] == 0
     assert set(ask(0, srv.port)) == {0} and set(ask(1, srv.port)) == {1}
     cli("detach", "-p", srv.port)
+
+
+def _old_counters(bpffs) -> int:
+    """An fd of the pinned counters map of the (one) group, to read it after its pins are gone."""
+    netns = os.listdir(os.path.join(bpffs, "numareuse"))[0]
+    (name,) = os.listdir(os.path.join(bpffs, "numareuse", netns))
+    return _sys.obj_get(os.path.join(bpffs, "numareuse", netns, name, "counters"))
+
+
+def _fallback(counters_fd: int) -> int:
+    ncpus = _sys.possible_cpus()
+    raw = _sys.map_lookup(counters_fd, struct.pack("=I", 2), 8 * ncpus)  # index 2: fallback
+    return sum(struct.unpack(f"={ncpus}Q", raw))
+
+
+@pytest.mark.parametrize("change", [["--capacity", 8], ["-d", "0-1"]], ids=["capacity", "spec"])
+def test_a_domain_spec_change_under_load_leaves_nothing_to_the_hash(env, server, change):  # noqa: F811
+    """New maps are needed (a socket fits in one sockarray), but the sockets move one at a time."""
+    srv = server("--workers", 4, "--cpus", "0,0,1,1")
+    cli("attach", "-p", srv.port, "-d", "cpu", "-q")
+    old = _old_counters(env)
+    try:
+        with Load(srv.port) as load:
+            r = json.loads(cli("attach", "-p", srv.port, "-d", "cpu", *change, "--json").stdout)
+        assert r["action"] == "replaced"
+        assert load.failed == [] and load.ok > 0
+        assert _fallback(old) == 0  # the old program never left a connection to the kernel's hash
+    finally:
+        os.close(old)
+    assert _counters(srv.port)["fallback"] == 0  # nor did the new one
+    cli("detach", "-p", srv.port)
