@@ -168,8 +168,8 @@ class Views:
 
 
 def write_cpu_domains(fd: int, layout: _layout.Layout, cpu_domain: dict[int, int]) -> None:
-    keys = list(range(layout.ncpus))
-    _sys.map_update_batch(fd, keys, b"".join(_U32.pack(cpu_domain.get(c, layout.ndomains)) for c in keys))
+    for cpu in range(layout.ncpus):  # once per selector: no batch call needed (5.6+)
+        _sys.map_update(fd, cpu, _U32.pack(cpu_domain.get(cpu, layout.ndomains)))
 
 
 def write_meta(fd: int, layout: _layout.Layout, attach_type: int, prog_hash: int) -> None:
@@ -236,11 +236,23 @@ def open_pinned(directory: str) -> tuple[dict[str, int], int, dict]:
         for key in keys_of(meta["version"]):
             if key not in fds:
                 fds[key] = _obj_get(directory, key)
+        _check_sizes(fds, check_meta(meta), directory)
     except BaseException:
         close_fds(fds)
         raise
     prog = fds.pop("prog")
     return fds, prog, meta
+
+
+def _check_sizes(fds: dict[str, int], layout: _layout.Layout, directory: str) -> None:
+    """Every pinned map has the size its meta implies: a corrupt meta is refused, never used."""
+    for key in ("sockarray", "cpu_domain", "region_count", "slot_cookie"):  # the same in layouts 1 and 2
+        got = _sys.map_info(fds[key])["max_entries"]
+        if got != layout.entries(key):
+            raise StateError(
+                f"pinned state {directory} does not match its meta: {key} has {got} entries, "
+                f"meta implies {layout.entries(key)}"
+            )
 
 
 def _obj_get(directory: str, key: str) -> int:
