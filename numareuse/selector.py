@@ -57,9 +57,24 @@ def _group_key(fd: int) -> tuple:
             raise NotInGroupError("socket is not bound")
         if s.type == socket.SOCK_STREAM and not s.getsockopt(socket.SOL_SOCKET, _sys.SO_ACCEPTCONN):
             raise NotInGroupError("TCP socket is not listening")
-        return (s.family, s.type, s.proto, addr[:2])
+        # sockets bound to different devices (SO_BINDTODEVICE) form different groups on one address
+        return (s.family, s.type, s.proto, addr[:2], bound_device(s))
     finally:
         s.close()
+
+
+def bound_device(s: socket.socket) -> str:
+    """The device a socket is bound to (SO_BINDTODEVICE), '' for none."""
+    try:
+        return s.getsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, 16).split(b"\0", 1)[0].decode()
+    except OSError:
+        return ""
+
+
+def _describe(key: tuple) -> str:
+    host, port = key[3][0], key[3][1]
+    where = f"[{host}]:{port}" if key[0] == socket.AF_INET6 else f"{host}:{port}"
+    return where + (f" on device {key[4]}" if key[4] else "")
 
 
 def queued(fd: int) -> int:
@@ -255,7 +270,7 @@ class Selector:
             raise NotInGroupError("the selector is not attached to a reuseport group")
         key = _group_key(fd)
         if key != self._group:
-            raise NotInGroupError(f"socket {key[3]} is not in the attached group {self._group[3]}")
+            raise NotInGroupError(f"socket {_describe(key)} is not in the attached group {_describe(self._group)}")
         return fd, _sys.sock_cookie(fd)
 
     # -- attach / detach --------------------------------------------------
@@ -270,7 +285,9 @@ class Selector:
         fd = _fileno(sock)
         key = _group_key(fd)
         if self._group is not None and key != self._group:
-            raise NumaReuseError(f"already attached to group {self._group[3]}; use one Selector per group")
+            raise NumaReuseError(
+                f"already attached to group {_describe(self._group)}, not {_describe(key)}; use one Selector per group"
+            )
         self._group = key
         self._sock_fds[_sys.sock_cookie(fd)] = fd
 

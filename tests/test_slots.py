@@ -17,7 +17,7 @@ import time
 import pytest
 from conftest import connect_from, drain, pinned
 
-from numareuse import CapacityError, Selector, StateError, _sys
+from numareuse import CapacityError, NotInGroupError, NumaReuseError, Selector, StateError, _sys
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
 N = 40
@@ -300,3 +300,41 @@ def test_a_stopped_lock_holder_cannot_hang_register(sel, group):
         os.waitpid(pid, 0)
     sel._lock.timeout = 10
     assert sel.register(socks[0], 0) == 0  # the holder is gone: the lock is free again
+
+
+def test_a_socket_bound_to_a_device_is_another_group(sel, group):
+    """SO_BINDTODEVICE makes a separate reuseport group on the same address and port: refused, named."""
+    (plain,), port = group(1)
+    dev = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        dev.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        dev.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"lo")
+        dev.bind(("127.0.0.1", port))
+        dev.listen(16)
+        sel.attach(plain)
+        with pytest.raises(NotInGroupError, match="on device lo"):
+            sel.register(dev, 0)
+        with pytest.raises(NumaReuseError, match="one Selector per group"):
+            sel.attach(dev)
+        assert sel.registrations() == []
+    finally:
+        dev.close()
+
+
+def test_closed_or_bogus_fds_are_not_in_the_group(sel, group):
+    (s,), _ = group(1)
+    sel.attach(s)
+    dead = socket.socket()
+    fd = dead.fileno()
+    dead.close()
+    with pytest.raises(NotInGroupError, match="not open"):
+        sel.register(fd, 0)
+    with pytest.raises(NotInGroupError, match="not open"):
+        sel.attach(fd)
+    r, w = os.pipe()
+    try:
+        with pytest.raises(NotInGroupError, match="not a socket"):
+            sel.register(r, 0)
+    finally:
+        os.close(r)
+        os.close(w)
