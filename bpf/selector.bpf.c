@@ -93,17 +93,56 @@ static __always_inline int pick(struct sk_reuseport_md *ctx, u32 region, u32 has
 	return 0;
 }
 
-/* Another region with a socket, from the controller's list of non-empty regions. */
-static __always_inline int pick_remote(struct sk_reuseport_md *ctx, u32 hash)
+/* One probe of @region, at the kernel's reciprocal_scale() of the hash: the remote step's pick. */
+static __always_inline int pick_one(struct sk_reuseport_md *ctx, u32 region, u32 hash)
 {
-	u32 zero = 0, *k, *r, i;
+	u32 *cnt, n, key;
+
+	if (region > WILDCARD_REGION)
+		return 0;
+	cnt = bpf_map_lookup_elem(MAP(REGION_COUNT_FD), &region);
+	if (!cnt)
+		return 0;
+	n = *cnt;
+	if (n == 0)
+		return 0;
+	if (n > CAPACITY)
+		n = CAPACITY;
+	key = region * CAPACITY + (u32)(((u64)hash * n) >> 32);
+	return bpf_sk_select_reuseport(ctx, MAP(SOCKARRAY_FD), &key, 0) == 0;
+}
+
+/*
+ * Another region with a socket, from the controller's list of non-empty regions:
+ * up to 4 entries from a hashed start, past @tried (the packet's own region) and
+ * the wildcard, both tried already.  A region's count can still
+ * include sockets closed since the last sweep (a closing listener's own region
+ * during migration), so one failed region must not end the search; one probe
+ * per region keeps this last resort small for the verifier (a full probe per
+ * try overflowed its stack of pending branches).
+ */
+static __always_inline int remote_try(struct sk_reuseport_md *ctx, u32 hash, u32 tried, u32 n, u32 *j)
+{
+	u32 key = 1 + *j, *r = bpf_map_lookup_elem(MAP(SPILL_FD), &key);
+
+	*j = *j + 1 >= n ? 0 : *j + 1;
+	return r && *r != tried && *r != WILDCARD_REGION && pick_one(ctx, *r, hash);
+}
+
+static __always_inline int pick_remote(struct sk_reuseport_md *ctx, u32 hash, u32 tried)
+{
+	u32 zero = 0, *k, n, j;
 
 	k = bpf_map_lookup_elem(MAP(SPILL_FD), &zero);
-	if (!k || *k == 0 || *k > NR_DOMAINS + 1)
+	if (!k)
 		return 0;
-	i = 1 + (u32)(((u64)hash * *k) >> 32);
-	r = bpf_map_lookup_elem(MAP(SPILL_FD), &i);
-	return r && pick(ctx, *r, hash);
+	n = *k;
+	if (n == 0 || n > NR_DOMAINS + 1)
+		return 0;
+	j = (u32)(((u64)hash * n) >> 32);
+	/* unrolled by hand: clang 14 keeps a loop with a variable exit, which the verifier cannot bound */
+	return remote_try(ctx, hash, tried, n, &j) || (n > 1 && remote_try(ctx, hash, tried, n, &j)) ||
+	       (n > 2 && remote_try(ctx, hash, tried, n, &j)) || (n > 3 && remote_try(ctx, hash, tried, n, &j));
 }
 
 static __always_inline u32 cpu_region(void)
@@ -140,7 +179,7 @@ int numareuse_select(struct sk_reuseport_md *ctx)
 		count(base, 1);
 	else if (pick(ctx, WILDCARD_REGION, hash))
 		count(base + (C_WILDCARD - C_LOCAL), 1);
-	else if (pick_remote(ctx, hash))
+	else if (pick_remote(ctx, hash, region))
 		count(base == C_LOCAL ? C_REMOTE : C_MIGRATED_REMOTE, 1);
 	else /* SK_PASS, no selection: the kernel hashes over the whole group */
 		count(base == C_LOCAL ? C_FALLBACK : C_MIGRATED_FALLBACK, 1);

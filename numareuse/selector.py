@@ -411,7 +411,8 @@ class Selector:
         to empty. Returns True when it did. The socket stays in the group
         and is marked drained, so that reconcilers leave it alone;
         :meth:`register` steers to it again. What is still queued when it
-        closes migrates to a peer of its domain (:attr:`migration`).
+        closes migrates (:attr:`migration`); a drained socket has no region,
+        so that goes by the domain of the CPU that closes it.
         """
         fd, cookie = self._member(sock)
         self._need_v2()
