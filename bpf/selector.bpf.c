@@ -93,10 +93,10 @@ static __always_inline int pick(struct sk_reuseport_md *ctx, u32 region, u32 has
 	return 0;
 }
 
-/* One probe of @region, at the kernel's reciprocal_scale() of the hash: the remote step's pick. */
+/* One probe of @region at the hash's bucket (whose owner is live but for a close since the last sweep). */
 static __always_inline int pick_one(struct sk_reuseport_md *ctx, u32 region, u32 hash)
 {
-	u32 *cnt, n, key;
+	u32 *cnt, *b, n, key;
 
 	if (region > WILDCARD_REGION)
 		return 0;
@@ -108,7 +108,9 @@ static __always_inline int pick_one(struct sk_reuseport_md *ctx, u32 region, u32
 		return 0;
 	if (n > CAPACITY)
 		n = CAPACITY;
-	key = region * CAPACITY + (u32)(((u64)hash * n) >> 32);
+	key = region * NR_BUCKETS + (hash & (NR_BUCKETS - 1));
+	b = bpf_map_lookup_elem(MAP(BUCKETS_FD), &key);
+	key = region * CAPACITY + (b && *b < n ? *b : (u32)(((u64)hash * n) >> 32));
 	return bpf_sk_select_reuseport(ctx, MAP(SOCKARRAY_FD), &key, 0) == 0;
 }
 

@@ -414,11 +414,12 @@ class Slots:
         owners = len(cookies) - cookies.count(0) + 1  # live ones, and this one
         self._take_buckets(region, idx, max(n, idx + 1), owners)
 
-    def vacate(self, slot: int, cookie: int, gone: bool = False) -> None:
+    def vacate(self, slot: int, cookie: int, gone: bool = False, compact: bool = True) -> None:
         """Take a socket out of its slot and compact the region.
 
         ``gone``: it closed (its slot is empty already); its cookie_region
-        entry stays, dated, while its connections may migrate.
+        entry stays, dated, while its connections may migrate. ``compact``
+        False leaves the hole (its buckets already went to the others).
         """
         region, idx = divmod(slot, self.cap)
         n = self.count(region)
@@ -435,7 +436,8 @@ class Slots:
                 self.set_region_entry(cookie, entry[0], _now())
         if idx < len(cookies):
             cookies[idx] = 0
-        self._compact(region, cookies)
+        if compact:
+            self._compact(region, cookies)
 
     def _compact(self, region: int, cookies: list[int]) -> None:
         """Fill holes from the region's tail where this process holds the tail's fd; shrink the count."""

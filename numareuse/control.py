@@ -88,7 +88,7 @@ def _fresh(store: Store, group, socks, topo, capacity, progress, replacing: Sele
             def move(s) -> None:
                 # a socket fits in one sockarray only: out of the old one, into the new one
                 if replacing is not None:
-                    replacing.unregister(s.fd)
+                    replacing.unregister(s.fd, compact=False)  # no moves in a selector on its way out
                 if s.cookie in drained:
                     sel.drain(s.fd, timeout=0, grace=0)  # stays drained in the new selector
                 else:

@@ -389,15 +389,21 @@ class Selector:
         return resolved
 
     @wrap("unregistering the socket")
-    def unregister(self, sock) -> bool:
-        """Take ``sock`` out of its region. Returns False when it was not registered."""
+    def unregister(self, sock, compact: bool = True) -> bool:
+        """Take ``sock`` out of its region. Returns False when it was not registered.
+
+        ``compact=False`` leaves its slot a hole instead of moving the region's
+        last socket into it: for a selector that hands its sockets to a
+        replacement, whose program keeps steering to those left (a move
+        empties a slot for a moment).
+        """
         _fd, cookie = self._member(sock)
         self._need_v2()
         with self._lock():
             cur = self._slots.slot_of(cookie)
             if cur is None:
                 return False
-            self._slots.vacate(cur, cookie)
+            self._slots.vacate(cur, cookie, compact=compact)
         return True
 
     @wrap("draining the socket")
