@@ -14,7 +14,7 @@ import time
 
 import click
 
-from numareuse import NumaReuseError, VerifierError, control, metrics, topology
+from numareuse import NumaReuseError, VerifierError, control, topology
 from numareuse._layout import DEFAULT_CAPACITY, MAX_CAPACITY
 from numareuse.errors import from_oserror
 
@@ -315,6 +315,8 @@ def stats(as_json, prometheus, watch, count):
 
 def _print_stats(groups, as_json, prometheus, prev, dt):
     if prometheus:  # the series `watch --metrics` serves, read afresh (groups is None)
+        from numareuse import metrics  # prometheus_client: only for the commands that serve or print it
+
         click.echo(metrics.render(), nl=False)
         return
     if dt:
