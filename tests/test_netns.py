@@ -130,7 +130,8 @@ def test_attach_by_netns_name_and_by_pid(env, netns, ns_server):  # noqa: F811
     cookie = netns_cookie(f"/run/netns/{name}")
     assert rep["netns"]["cookie"] == cookie and state_dirs(env) == [f"netns-cookie-{cookie}"]
     # the same state, whichever way the namespace is named: its cookie keys it
-    for how in (("--netns", name), ("--netns", f"/run/netns/{name}"), ("--pid", srv.pids[0])):
+    names = (name, f"/run/netns/{name}", f"/proc/{srv.pids[1]}/ns/net")
+    for how in (*(("--netns", n) for n in names), ("--pid", srv.pids[0])):
         st = json.loads(cli("stats", "--json", *how).stdout)
         assert [g["counters"]["local"] for g in st] == [2 * N], how
         assert len(json.loads(cli("status", "--json", *how).stdout)) == 1
@@ -210,3 +211,34 @@ def test_older_release_state_under_the_inode(env, netns, ns_server):  # noqa: F8
     r = cli("detach", "-p", srv.port, "--netns", other)
     assert "nothing attached" in r.stderr
     assert pinned_groups(env) == [] and not os.path.exists(os.path.join(root, f"netns-{other_inode}"))
+
+
+def test_under_ip_netns_exec_no_private_bpffs(env, netns, ns_server):  # noqa: F811
+    """When the host's bpffs cannot be mounted, attach refuses: it never pins where only it can see."""
+    name = netns()
+    srv = ns_server(name)
+    inside = [IP, "netns", "exec", name, sys.executable, "-m", "numareuse.cli.main"]
+    bad = {**os.environ, "NUMAREUSE_BPFFS": "/proc/self/fdinfo"}  # procfs refuses any mount
+    r = subprocess.run([*inside, "attach", "-p", str(srv.port), "-d", "cpu"], capture_output=True, text=True, env=bad)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "in the host's mount namespace" in r.stderr and "cannot be mounted there" in r.stderr, r.stderr
+    assert set(srv.ask(0, 40)) == {0, 1}  # no program was attached: the kernel's hash
+
+
+def test_before_5_14_the_inode_names_the_namespace(env, netns, ns_server, monkeypatch):  # noqa: F811
+    """Without SO_NETNS_COOKIE (ENOPROTOOPT) the state directory is netns-<inode>, as older releases wrote."""
+    from numareuse import _sys
+
+    def old_kernel(fd):
+        raise OSError(92, "Protocol not available")
+
+    monkeypatch.setattr(_sys, "netns_cookie", old_kernel)
+    name = netns()
+    srv = ns_server(name)
+    rep = json.loads(cli("attach", "-p", srv.port, "-d", "cpu", "--netns", name, "--json").stdout)
+    assert rep["netns"]["cookie"] is None
+    assert state_dirs(env) == [f"netns-{os.stat(f'/run/netns/{name}').st_ino}"]
+    assert srv.ask(1) == [1] * N
+    assert len(json.loads(cli("status", "--json", "--pid", srv.pids[0]).stdout)) == 1
+    cli("detach", "-p", srv.port, "--netns", name)
+    assert pinned_groups(env) == []
