@@ -68,13 +68,19 @@ def haproxy(tmp_path, two_cpus):
     else:
         proc.kill()
         pytest.fail(f"haproxy did not start: {proc.communicate()[1]}")
+    # ready when both threads serve (each its own listener, picked by the kernel's hash):
+    # on a loaded machine a thread may still be starting up when its listener is bound
+    served: set[int] = set()
+    while served != {0, 1} and time.monotonic() < deadline + 20:
+        served.add(thread_of(port))
+    assert served == {0, 1}, served
     yield port, proc.pid, tasks
     proc.terminate()
     proc.wait(10)
 
 
 def thread_of(port: int) -> int:
-    c = socket.create_connection(("127.0.0.1", port), timeout=5)
+    c = socket.create_connection(("127.0.0.1", port), timeout=30)
     c.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
     data = b""
     while chunk := c.recv(4096):

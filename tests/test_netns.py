@@ -27,7 +27,7 @@ import socket, sys
 port, n = int(sys.argv[1]), int(sys.argv[2])
 out = []
 for _ in range(n):
-    c = socket.create_connection(("127.0.0.1", port), timeout=5)
+    c = socket.create_connection(("127.0.0.1", port), timeout=30)  # a loaded machine can starve the server
     data = b""
     while not data.endswith(b"\\n"):
         chunk = c.recv(64)
@@ -136,6 +136,9 @@ def test_attach_by_netns_name_and_by_pid(env, netns, ns_server):  # noqa: F811
         assert [g["counters"]["local"] for g in st] == [2 * N], how
         assert len(json.loads(cli("status", "--json", *how).stdout)) == 1
     assert cli("status", "--json").stdout.strip() == "[]"  # nothing attached in ours
+    ratio = f'numareuse_locality_ratio{{group="tcp4 127.0.0.1:{srv.port}"}} 1.0'
+    assert ratio in cli("stats", "--prometheus", "--netns", name).stdout
+    assert ratio not in cli("stats", "--prometheus").stdout
     again = cli("attach", "-p", srv.port, "-d", "cpu", "--pid", srv.pids[1], "--json")
     assert json.loads(again.stdout)["action"] == "unchanged" and "already attached" in again.stderr
     cli("detach", "-p", srv.port, "--pid", srv.pids[0])

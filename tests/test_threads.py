@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
+from conftest import need
 from test_cli import N, ask, cli, env  # noqa: F401  (fixture)
+
+from numareuse import _sys
 
 SERVER = r"""
 import os, selectors, socket, sys, threading
@@ -131,3 +135,32 @@ def test_unproven_thread_owners_keep_the_process_rule(env, threaded, mode):  # n
     assert len(got) == 2 * N  # still served (by the kernel's hash within the wildcard)
     assert json.loads(cli("stats", "--json").stdout)[0]["counters"]["wildcard"] == 2 * N
     cli("detach", "--port", srv.port)
+
+
+@pytest.mark.parametrize("abi", sorted(_sys.WAIT_SYSCALLS_BY_ABI))
+def test_wait_syscall_numbers_match_debians_headers(abi):
+    """The numbers read from /proc/PID/task/TID/syscall, against each architecture's cross headers."""
+    from test_portability import CROSS
+
+    want = _sys.WAIT_SYSCALLS_BY_ABI[abi]
+    if abi not in CROSS:  # riscv64, loongarch64: asm-generic, as aarch64
+        assert want == _sys.WAIT_SYSCALLS_BY_ABI["aarch64"]
+        return
+    triplet, flags = CROSS[abi]
+    root = "/usr/include/x86_64-linux-gnu" if triplet == "x86_64-linux-gnu" else f"/usr/{triplet}/include"
+    need(os.path.isdir(root), f"Debian's cross headers for {triplet} (make setup installs them)")
+    src = "#include <asm/unistd.h>\n" + "".join(f"NR_{k} = __NR_{k}\n" for k in want)
+    out = subprocess.run(
+        ["cpp", "-P", "-nostdinc", "-undef", *flags, "-I", root, "-I", "/usr/include"],
+        input=src,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    got = {}
+    for line in out.splitlines():
+        if line.startswith("NR_"):
+            name, expr = line[3:].split(" = ", 1)
+            assert re.fullmatch(r"[0-9+() ]+", expr), f"{abi} {name}: {expr}"
+            got[name] = eval(expr)  # only digits, '+' and parentheses, checked above
+    assert got == want
