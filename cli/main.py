@@ -82,6 +82,21 @@ def _group_options(f):
     return f
 
 
+def _netns_options(f):
+    f = click.option(
+        "--pid",
+        type=click.IntRange(min=1),
+        metavar="PID",
+        help="In the network namespace of process PID (a container's).",
+    )(f)
+    f = click.option(
+        "--netns",
+        metavar="NAME|PATH",
+        help="In network namespace NAME (/run/netns/NAME, as `ip netns` names them) or the one at PATH.",
+    )(f)
+    return f
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="numareuse")
 def main():
@@ -109,9 +124,12 @@ Examples:
   numareuse attach --port 8080                  # TCP/IPv4, domains = NUMA nodes
   numareuse attach -p 8080 --domains '0-7;8-15' # explicit CPU groups
   numareuse attach -p 53 --udp --ipv6 --json
+  numareuse attach -p 8080 --netns blue         # a server in `ip netns add blue`
+  numareuse attach -p 8080 --pid 4242           # in the network namespace of pid 4242
   numareuse attach -p 8080                      # again: re-scan workers, update"""
 )
 @_group_options
+@_netns_options
 @click.option(
     "--domains",
     "-d",
@@ -133,15 +151,16 @@ Examples:
     default=None,
     help="Progress lines on stderr (default: when stderr is a terminal).",
 )
-def attach(port, address, udp, ipv6, domains, capacity, as_json, progress):
+def attach(port, address, udp, ipv6, netns, pid, domains, capacity, as_json, progress):
     """Attach NUMA-local steering to the SO_REUSEPORT group on a port.
 
-    Finds every socket of the group in this network namespace and the worker
-    that accepts on each (the process whose epoll watches it), gives each
-    socket the domain holding all CPUs of its worker's affinity (else the
-    wildcard), loads and attaches the selector, and pins it in bpffs so the
-    steering outlives this command. Running it again re-scans and updates
-    the registrations in place.
+    Finds every socket of the group in this network namespace (or the one
+    --netns or --pid names) and the worker that accepts on each (the process
+    whose epoll watches it; in a threaded server, the one thread that waits
+    on it), gives each socket the domain holding all CPUs of its worker's
+    affinity (else the wildcard), loads and attaches the selector, and pins
+    it in bpffs so the steering outlives this command. Running it again
+    re-scans and updates the registrations in place.
     """
 
     show = sys.stderr.isatty() if progress is None else progress
@@ -150,7 +169,7 @@ def attach(port, address, udp, ipv6, domains, capacity, as_json, progress):
         if show:
             click.echo(f"attach: {msg}", err=True)
 
-    report = control.attach(port, address, udp, ipv6, domains, capacity, progress=say)
+    report = control.attach(port, address, udp, ipv6, domains, capacity, progress=say, netns=netns, pid=pid)
     if report["action"] == "unchanged":
         click.echo(f"note: already attached to {_gname(report)}; nothing changed", err=True)
 
@@ -174,17 +193,19 @@ def _gname(r) -> str:
     epilog="""\b
 Examples:
   numareuse detach --port 8080
-  numareuse detach -p 53 --udp --ipv6"""
+  numareuse detach -p 53 --udp --ipv6
+  numareuse detach -p 8080 --netns blue"""
 )
 @_group_options
+@_netns_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def detach(port, address, udp, ipv6, as_json):
+def detach(port, address, udp, ipv6, netns, pid, as_json):
     """Detach the program from a group and remove its pinned state.
 
     The kernel's own hash balances the group again. Detaching what is not
     attached is a no-op with a note.
     """
-    r = control.detach(port, address, udp, ipv6)
+    r = control.detach(port, address, udp, ipv6, netns=netns, pid=pid)
     if r["action"] == "none":
         click.echo(f"note: {r['note']}", err=True)
     _emit(r, as_json, lambda r: r["action"] == "detached" and click.echo(f"detached {_gname(r)}"))
@@ -251,11 +272,13 @@ def _cookies(values) -> tuple[int, ...]:
     epilog="""\b
 Examples:
   numareuse status
+  numareuse status --netns blue
   numareuse status --json | jq '.[].sockets[] | select(.domain == "wildcard")'"""
 )
+@_netns_options
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON (stable field names).")
-def status(as_json):
-    """Show every attached group and its sockets (sk:<cookie>, owner pid, domain)."""
+def status(netns, pid, as_json):
+    """Show every attached group and its sockets (sk:<cookie>, owner pid or pid/tid, domain)."""
     _reader()
 
     def human(groups):
@@ -266,11 +289,16 @@ def status(as_json):
                 f"  migration={mig}"
             )
             for s in g["sockets"]:
-                owners = ",".join(f"{o['pid']}/{o['comm']}" for o in s["owners"]) or "-"
+                owners = ",".join(_owner(o) for o in s["owners"]) or "-"
                 state = "" if s["live"] or s["live"] is None else "  (closed)"
                 click.echo(f"  {s['sk']:<14} domain={s['domain']!s:<9} owner={owners}{state}")
 
-    _emit(control.status(), as_json, human)
+    _emit(control.status(netns=netns, pid=pid), as_json, human)
+
+
+def _owner(o) -> str:
+    """pid/comm for a process, pid/tid comm for a thread."""
+    return f"{o['pid']}/{o['tid']} {o['comm']}" if o.get("tid") else f"{o['pid']}/{o['comm']}"
 
 
 @main.command(
@@ -278,13 +306,15 @@ def status(as_json):
 Examples:
   numareuse stats
   numareuse stats --watch 1          # rates every second, Ctrl-C to stop
+  numareuse stats --netns blue
   numareuse stats --prometheus > /var/lib/node_exporter/numareuse.prom"""
 )
+@_netns_options
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @click.option("--prometheus", is_flag=True, help="Print in the Prometheus text format.")
 @click.option("--watch", type=click.FloatRange(min=0.1), metavar="SECONDS", help="Repeat every SECONDS with rates.")
 @click.option("--count", type=click.IntRange(min=1), help="With --watch: stop after COUNT reports.")
-def stats(as_json, prometheus, watch, count):
+def stats(netns, pid, as_json, prometheus, watch, count):
     """Selections per group by outcome, and the share served on the local domain.
 
     Outcomes: local (a socket of the packet's domain), wildcard (the domain
@@ -296,13 +326,16 @@ def stats(as_json, prometheus, watch, count):
     _reader()
     if as_json and prometheus:
         raise click.UsageError("choose one of --json and --prometheus")
+    if prometheus and (netns is not None or pid is not None):
+        with control.entered(netns=netns, pid=pid):  # metrics' Collector reads this thread's namespace
+            return stats.callback(None, None, as_json, prometheus, watch, count)
     if not watch:
-        _print_stats(None if prometheus else control.stats(), as_json, prometheus, None, None)
+        _print_stats(None if prometheus else control.stats(netns=netns, pid=pid), as_json, prometheus, None, None)
         return
     prev, prev_t, n = None, None, 0
     try:
         while True:
-            cur, now = None if prometheus else control.stats(), time.monotonic()
+            cur, now = None if prometheus else control.stats(netns=netns, pid=pid), time.monotonic()
             _print_stats(cur, as_json, prometheus, prev, (now - prev_t) if prev_t else None)
             prev, prev_t, n = cur, now, n + 1
             if count and n >= count:

@@ -545,3 +545,132 @@ def set_pdeathsig(sig: int) -> None:
     if _libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+# -- network namespaces --------------------------------------------------------
+
+CLONE_NEWNET = 0x40000000
+SO_NETNS_COOKIE = 71  # 5.14+: u64 id of the socket's network namespace, given to no other while the system runs
+# ioctl on an nsfs fd (4.11+): the CLONE_NEW* type of the namespace. _IO(0xb7, 3): _IOC_NONE is 1
+# (bit 29) where the ioctl encoding puts direction bits that way (powerpc, mips), else 0.
+_NS_GET_NSTYPE = 0x2000B703 if abi() in ("ppc64le", "mips", "mips64") else 0xB703
+
+
+def setns(fd: int, nstype: int) -> None:
+    """Move the calling thread into the namespace ``fd`` refers to (Python 3.11 has no os.setns)."""
+    if _libc.setns(fd, nstype) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def ns_type(fd: int) -> int:
+    """CLONE_NEW* type of a namespace fd; OSError(ENOTTY) when ``fd`` is not a namespace."""
+    import fcntl
+
+    return fcntl.ioctl(fd, _NS_GET_NSTYPE)
+
+
+def netns_cookie(sock_fd: int) -> int:
+    """The network namespace cookie of a socket (ENOPROTOOPT before 5.14)."""
+    return struct.unpack("=Q", _getsockopt(sock_fd, SO_NETNS_COOKIE, 8))[0]
+
+
+# -- what a blocked thread waits on (/proc/PID/task/TID/syscall) ----------------
+#
+# ABI -> syscall name -> number, as the cross headers define them (tests/test_threads.py
+# checks each against those headers), for the syscalls whose first argument says what
+# a blocked thread waits on: an epoll fd (epoll_*), a listening fd (accept*), a struct
+# pollfd array with nfds second (poll, ppoll*), or nfds with the read fd_set second
+# (select, _newselect, pselect6*). i386's and powerpc's old select (82) takes a struct
+# pointer and is left out. asm-generic ABIs (aarch64, riscv64, loongarch64) have only
+# the p-variants.
+
+_GENERIC_WAITS = {"epoll_pwait": 22, "epoll_pwait2": 441, "accept": 202, "accept4": 242, "ppoll": 73, "pselect6": 72}
+WAIT_SYSCALLS_BY_ABI = {
+    "x86_64": {
+        "epoll_wait": 232,
+        "epoll_pwait": 281,
+        "epoll_pwait2": 441,
+        "accept": 43,
+        "accept4": 288,
+        "poll": 7,
+        "ppoll": 271,
+        "select": 23,
+        "pselect6": 270,
+    },
+    "i386": {
+        "epoll_wait": 256,
+        "epoll_pwait": 319,
+        "epoll_pwait2": 441,
+        "accept4": 364,
+        "poll": 168,
+        "ppoll": 309,
+        "ppoll_time64": 414,
+        "_newselect": 142,
+        "pselect6": 308,
+        "pselect6_time64": 413,
+    },
+    "aarch64": _GENERIC_WAITS,
+    "riscv64": _GENERIC_WAITS,
+    "loongarch64": _GENERIC_WAITS,
+    "arm": {
+        "epoll_wait": 252,
+        "epoll_pwait": 346,
+        "epoll_pwait2": 441,
+        "accept": 285,
+        "accept4": 366,
+        "poll": 168,
+        "ppoll": 336,
+        "ppoll_time64": 414,
+        "_newselect": 142,
+        "pselect6": 335,
+        "pselect6_time64": 413,
+    },
+    "ppc64le": {
+        "epoll_wait": 238,
+        "epoll_pwait": 303,
+        "epoll_pwait2": 441,
+        "accept": 330,
+        "accept4": 344,
+        "poll": 167,
+        "ppoll": 281,
+        "_newselect": 142,
+        "pselect6": 280,
+    },
+    "s390x": {
+        "epoll_wait": 251,
+        "epoll_pwait": 312,
+        "epoll_pwait2": 441,
+        "accept4": 364,
+        "poll": 168,
+        "ppoll": 302,
+        "select": 142,
+        "pselect6": 301,
+    },
+    "mips64": {
+        "epoll_wait": 5209,
+        "epoll_pwait": 5272,
+        "epoll_pwait2": 5441,
+        "accept": 5042,
+        "accept4": 5293,
+        "poll": 5007,
+        "ppoll": 5261,
+        "_newselect": 5022,
+        "pselect6": 5260,
+    },
+    "mips": {
+        "epoll_wait": 4250,
+        "epoll_pwait": 4313,
+        "epoll_pwait2": 4441,
+        "accept": 4168,
+        "accept4": 4334,
+        "poll": 4188,
+        "ppoll": 4302,
+        "ppoll_time64": 4414,
+        "_newselect": 4142,
+        "pselect6": 4301,
+        "pselect6_time64": 4413,
+    },
+}
+WAIT_SYSCALLS = WAIT_SYSCALLS_BY_ABI.get(abi() or "", {})
+POLLIN = 0x1

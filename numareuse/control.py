@@ -17,7 +17,7 @@ from . import _crash, _sys, discovery, topology
 from ._layout import COUNTERS, DEFAULT_CAPACITY, LAYOUT_VERSION, SELECTION_OUTCOMES
 from .errors import NotInGroupError, NumaReuseError, ProcessGone, StateError, from_oserror
 from .selector import WILDCARD, Selector
-from .state import Group, Store, parse_name, require_root
+from .state import Group, Netns, Store, parse_name, require_root
 
 
 def _domain_name(d: int) -> str | int:
@@ -32,18 +32,24 @@ def attach(
     domains: str = "numa",
     capacity: int | None = None,
     progress=lambda msg: None,
+    *,
+    netns: str | None = None,
+    pid: int | None = None,
 ) -> dict:
     """Attach (or update) NUMA-local steering for the group on ``port``; returns a report.
 
     ``capacity`` None keeps an attached group's capacity (256 for a new one).
+    ``netns`` (a name under /run/netns or a path) or ``pid`` (that process's)
+    picks the network namespace; default: this one.
     """
     require_root()
     topo = topology.parse(domains)  # a bad spec fails here, before anything is touched
     t0 = time.monotonic()
-    store = Store(create=True)
-    with store.locked():
-        progress(f"scanning sockets on port {port}")
-        group, socks = discovery.find_sockets(port, address, udp, ipv6)
+    with Netns.resolve(netns, pid) as ns, _store(ns, create=True) as store:
+        for note in store.adopt_legacy():
+            progress(note)
+        progress(f"scanning sockets on port {port}" + (f" in {ns.what}" if ns.foreign else ""))
+        group, socks = discovery.find_sockets(port, address, udp, ipv6, ns=ns, progress=progress)
         try:
             discovery.assign_domains(socks, topo)
             progress(f"found {len(socks)} sockets of {group}")
@@ -55,8 +61,25 @@ def attach(
                 report = _fresh(store, group, socks, topo, capacity or DEFAULT_CAPACITY, progress)
         finally:
             discovery.close_all(socks)
+        report["netns"] = ns.as_dict()
     report["seconds"] = round(time.monotonic() - t0, 3)
     return report
+
+
+@contextlib.contextmanager
+def _store(ns: Netns, create: bool = False, shared: bool = False):
+    """The locked Store of ``ns``; its older-release state is judged by the sockets bound in ``ns``."""
+    store = Store(create=create, ns=ns, has_sockets=lambda g: discovery.has_group(g, ns))
+    with store.locked(shared=shared):
+        yield store
+
+
+@contextlib.contextmanager
+def entered(*, netns: str | None = None, pid: int | None = None):
+    """Run the block in the network namespace ``netns`` or ``pid`` names (the calling thread only):
+    for code that reads "this" namespace's state, as metrics' Collector does."""
+    with Netns.resolve(netns, pid) as ns, ns.entered():
+        yield ns
 
 
 def _info(group: Group, topo: topology.Topology, socks) -> dict:
@@ -231,11 +254,19 @@ def group_of(store: Store, name: str) -> Group:
     return group
 
 
-def detach(port: int, address: str | None = None, udp: bool = False, ipv6: bool = False) -> dict:
+def detach(
+    port: int,
+    address: str | None = None,
+    udp: bool = False,
+    ipv6: bool = False,
+    *,
+    netns: str | None = None,
+    pid: int | None = None,
+) -> dict:
     """Detach the program from the group on ``port`` and remove its pinned state."""
     require_root()
-    store = Store()
-    with store.locked():
+    with Netns.resolve(netns, pid) as ns, _store(ns) as store:
+        store.adopt_legacy()
         store.recover_all()  # an interrupted attach may have left only a staging directory
         names = _match(store, port, address, udp, ipv6)
         if not names:
@@ -246,7 +277,7 @@ def detach(port: int, address: str | None = None, udp: bool = False, ipv6: bool 
         name = names[0]
         group = group_of(store, name)
         try:
-            _, socks = discovery.find_sockets(port, group.address, udp, ipv6)
+            _, socks = discovery.find_sockets(port, group.address, udp, ipv6, ns=ns)
         except (NotInGroupError, ProcessGone):
             socks = []  # the server is gone: so is the group and its program
         # any other error (no permission to take a socket) keeps the state: the
@@ -294,6 +325,9 @@ def drain(
     owner: int | None = None,
     timeout: float = 5.0,
     undo: bool = False,
+    *,
+    netns: str | None = None,
+    pid: int | None = None,
 ) -> dict:
     """Stop steering new connections to some sockets of an attached group (``undo``: steer again).
 
@@ -306,11 +340,10 @@ def drain(
     what = " or ".join([f"sk:{c}" for c in cookies] + ([f"owner pid {owner}"] if owner is not None else []))
     if not what:
         raise NumaReuseError("name the sockets: --sk COOKIE or --owner PID")
-    store = Store()
-    with store.locked():
+    with Netns.resolve(netns, pid) as ns, _store(ns) as store:
         name = _one_group(store, port, address, udp, ipv6)
         group = group_of(store, name)
-        _, socks = discovery.find_sockets(port, group.address, udp, ipv6)
+        _, socks = discovery.find_sockets(port, group.address, udp, ipv6, ns=ns)
         try:
             sel = store.open(name)
             try:
@@ -370,13 +403,12 @@ def _holds(h, inode: int) -> bool:
         return False
 
 
-def status() -> list[dict]:
-    """Every pinned group of this network namespace, with its sockets."""
-    store = Store()
+def status(*, netns: str | None = None, pid: int | None = None) -> list[dict]:
+    """Every pinned group of a network namespace (default: this one), with its sockets."""
     out = []
-    with store.locked(shared=True):
+    with Netns.resolve(netns, pid) as ns, _store(ns, shared=True) as store:
         for name in store.groups():
-            out.append(_group_status(store, name))
+            out.append({**_group_status(store, name), "netns": ns.as_dict()})
     return out
 
 
@@ -392,7 +424,7 @@ def _group_status(store: Store, name: str) -> dict:
         socks = []
         for r in sel.registrations():
             o = owners.get(str(r["cookie"]), {})
-            procs = [p for p in o.get("owners", []) if _alive(p["pid"])]
+            procs = [{"tid": None, **p} for p in o.get("owners", []) if _alive(p["pid"], p.get("tid"))]
             socks.append(
                 {
                     "sk": f"sk:{r['cookie']}",
@@ -405,7 +437,7 @@ def _group_status(store: Store, name: str) -> dict:
             )
         for cookie in sorted(sel.drained()):
             o = owners.get(str(cookie), {})
-            procs = [p for p in o.get("owners", []) if _alive(p["pid"])]
+            procs = [{"tid": None, **p} for p in o.get("owners", []) if _alive(p["pid"], p.get("tid"))]
             socks.append(
                 {
                     "sk": f"sk:{cookie}",
@@ -431,7 +463,9 @@ def _group_status(store: Store, name: str) -> dict:
         sel.close()
 
 
-def _alive(pid: int) -> bool:
+def _alive(pid: int, tid: int | None = None) -> bool:
+    if tid is not None:
+        return os.path.exists(f"/proc/{pid}/task/{tid}")
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -441,17 +475,16 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def stats() -> list[dict]:
-    """Outcome counters of every pinned group, with the locality share."""
-    store = Store()
+def stats(*, netns: str | None = None, pid: int | None = None) -> list[dict]:
+    """Outcome counters of every pinned group of a network namespace, with the locality share."""
     out = []
-    with store.locked(shared=True):
+    with Netns.resolve(netns, pid) as ns, _store(ns, shared=True) as store:
         for name in store.groups():
             group = group_of(store, name)
             try:
                 sel = store.open(name)
             except StateError as e:
-                out.append({"name": str(group), "group": group.as_dict(), "error": str(e)})
+                out.append({"name": str(group), "group": group.as_dict(), "error": str(e), "netns": ns.as_dict()})
                 continue
             try:
                 c = sel.stats()
@@ -465,6 +498,7 @@ def stats() -> list[dict]:
                     "counters": c,
                     "selections": total,
                     "locality": round(c["local"] / total, 4) if total else None,
+                    "netns": ns.as_dict(),
                 }
             )
     return out

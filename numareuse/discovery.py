@@ -5,6 +5,13 @@ from the master), so holding a socket says little. What a worker polls says
 more: /proc/PID/fdinfo/<epoll fd> lists each watched file with its inode
 ("tfd: ... ino:<hex>"). Checked with Debian's nginx (reuseport +
 worker_cpu_affinity): each worker's epoll holds exactly its own socket.
+
+In a threaded server (HAProxy's ``shards by-thread``, a thread per core) one
+process holds and polls every socket, and the owner is a thread. Epoll fds
+belong to the process, not to a thread, so what a thread waits on is read
+from /proc/PID/task/TID/syscall: a thread blocked in epoll_wait shows the
+epoll fd, in accept() the listening fd, in poll()/select() the fd array in
+its memory (``thread_waits``).
 """
 
 from __future__ import annotations
@@ -12,7 +19,10 @@ from __future__ import annotations
 import os
 import re
 import socket
+import struct
 import sys
+import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 import psutil
@@ -20,7 +30,7 @@ import psutil
 from . import _sys, topology
 from .errors import NotInGroupError, NumaReuseError, ProcessGone, from_oserror
 from .selector import WILDCARD
-from .state import Group
+from .state import Group, Netns
 
 _TFD = re.compile(r"^tfd:\s*(\d+).*\bino:([0-9a-f]+)", re.M)
 
@@ -30,6 +40,10 @@ class Holder:
     pid: int
     fd: int
     comm: str
+    tid: int | None = None  # the thread of ``pid`` that owns the socket; None: the whole process
+
+    def as_dict(self) -> dict:
+        return {"pid": self.pid, "tid": self.tid, "comm": self.comm}
 
 
 @dataclass
@@ -47,7 +61,7 @@ class GroupSocket:
         return {
             "cookie": self.cookie,
             "sk": f"sk:{self.cookie}",
-            "owners": [{"pid": h.pid, "comm": h.comm} for h in self.owners],
+            "owners": [h.as_dict() for h in self.owners],
             "domain": "wildcard" if self.domain == WILDCARD else self.domain,
         }
 
@@ -85,13 +99,14 @@ def _hex_addr(text: str) -> tuple[str, int]:
     return socket.inet_ntop(fam, raw), int(port, 16)
 
 
-def bound_sockets(proto: str, ipv6: bool, port: int) -> dict[int, str]:
-    """inode -> bound address of this netns's listening TCP / unconnected UDP sockets on ``port``."""
-    path = f"/proc/net/{proto}{'6' if ipv6 else ''}"
+def bound_sockets(proto: str, ipv6: bool, port: int, ns: Netns | None = None) -> dict[int, str]:
+    """inode -> bound address of the listening TCP / unconnected UDP sockets on ``port`` of
+    network namespace ``ns`` (default: this thread's)."""
+    name = f"{proto}{'6' if ipv6 else ''}"
     want = "0A" if proto == "tcp" else "07"  # TCP_LISTEN; UDP TCP_CLOSE = not connected
     local_port = f":{port:04X} "  # cheap pre-filter: a busy host has 100k+ lines (TIME_WAIT)
     out = {}
-    with open(path) as f:
+    with ns.open_proc_net(name) if ns is not None else open(f"/proc/thread-self/net/{name}") as f:
         next(f)
         for line in f:
             if local_port not in line:
@@ -123,8 +138,21 @@ def holders_of(inodes) -> dict[int, list[Holder]]:
     return out
 
 
-def find_sockets(port: int, address: str | None = None, udp: bool = False, ipv6: bool = False):
-    """(Group, [GroupSocket]) for the sockets bound to ``port`` in this network namespace.
+def has_group(group: Group, ns: Netns | None = None) -> bool:
+    """Whether a socket is bound to ``group`` in ``ns`` now."""
+    return group.address in bound_sockets(group.proto, group.family == 6, group.port, ns).values()
+
+
+def find_sockets(
+    port: int,
+    address: str | None = None,
+    udp: bool = False,
+    ipv6: bool = False,
+    ns: Netns | None = None,
+    progress=lambda msg: None,
+):
+    """(Group, [GroupSocket]) for the sockets bound to ``port`` in network namespace ``ns``
+    (default: this thread's).
 
     Raises NotInGroupError when there is none or one lacks SO_REUSEPORT, and
     NumaReuseError when the port is bound on several addresses and ``address``
@@ -132,7 +160,7 @@ def find_sockets(port: int, address: str | None = None, udp: bool = False, ipv6:
     """
     proto = "udp" if udp else "tcp"
     what = f"{proto.upper()}/IPv{6 if ipv6 else 4}"
-    found = bound_sockets(proto, ipv6, port)
+    found = bound_sockets(proto, ipv6, port, ns)
     if address is not None:
         fam = socket.AF_INET6 if ipv6 else socket.AF_INET
         try:
@@ -142,6 +170,8 @@ def find_sockets(port: int, address: str | None = None, udp: bool = False, ipv6:
         found = {i: a for i, a in found.items() if a == address}
     if not found:
         where = f"{address}:{port}" if address else f"port {port}"
+        if ns is not None and ns.foreign:
+            where += f" in {ns.what}"
         raise NotInGroupError(f"no {'bound' if udp else 'listening'} {what} socket on {where}")
     addrs = sorted(set(found.values()))
     if len(addrs) > 1:
@@ -160,7 +190,7 @@ def find_sockets(port: int, address: str | None = None, udp: bool = False, ipv6:
                 pids = ", ".join(str(h.pid) for h in s.holders)
                 raise NotInGroupError(f"the socket on {group} held by pid {pids} has no SO_REUSEPORT")
             s.cookie = _sys.sock_cookie(s.fd)
-        _assign_owners(socks)
+        _assign_owners(socks, progress)
     except BaseException:
         close_all(socks)
         raise
@@ -186,8 +216,9 @@ def _duplicate(s: GroupSocket) -> None:
     raise ProcessGone(f"pid {', '.join(str(h.pid) for h in s.holders)} exited or closed its socket during attach")
 
 
-def _assign_owners(socks: list[GroupSocket]) -> None:
-    """Owners = holders that epoll-watch the socket; else holders none of whose children hold it."""
+def _assign_owners(socks: list[GroupSocket], progress=lambda msg: None) -> None:
+    """Owners = holders that epoll-watch the socket; else holders none of whose children hold it;
+    then, within one threaded process, the one thread that waits on it (``_thread_owners``)."""
     pids = {h.pid for s in socks for h in s.holders}
     polled = {pid: polled_inodes(pid) for pid in pids}
     parents = {}
@@ -202,6 +233,171 @@ def _assign_owners(socks: list[GroupSocket]) -> None:
             holder_pids = {h.pid for h in s.holders}
             owners = [h for h in s.holders if not any(parents.get(p) == h.pid for p in holder_pids)]
         s.owners = owners or list(s.holders)
+    _thread_owners(socks, progress)
+
+
+def _tasks(pid: int) -> list[int]:
+    try:
+        return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return []
+
+
+def _thread_owners(socks: list[GroupSocket], progress) -> None:
+    """Give a socket to a thread when its owner process is threaded and one thread alone waits on it.
+
+    The rule holds for a process only when (a) every one of its threads was
+    seen blocked at least once while sampling (a thread always running may
+    be waiting on anything: nothing is proven), and (b) at least two of its
+    threads each wait on sockets of the group: a server with a thread per
+    socket. One waiting thread is also what an acceptor thread, or a
+    leader/follower pool whose leader takes turns on one shared epoll, looks
+    like; those keep the process rule. A socket two threads wait on (a
+    shared epoll) keeps it too. Single-threaded processes are not sampled.
+    """
+    procs = {}
+    for s in socks:
+        owner_pids = {h.pid for h in s.owners}
+        if len(owner_pids) == 1 and s.owners[0].tid is None:
+            (pid,) = owner_pids
+            if pid not in procs and len(_tasks(pid)) > 1:
+                procs[pid] = True
+    if not procs:
+        return
+    group = {s.inode for s in socks}
+    for pid, waits in thread_waits(list(procs)).items():
+        if waits is None:
+            progress(f"pid {pid}: a thread was running at every sample; its sockets keep the process's affinity")
+            continue
+        mine = {tid: inos & group for tid, inos in waits.items() if inos & group}
+        if len(mine) < 2:
+            continue
+        waiters: dict[int, set[int]] = defaultdict(set)
+        for tid, inos in mine.items():
+            for ino in inos:
+                waiters[ino].add(tid)
+        for s in socks:
+            tids = waiters.get(s.inode, set())
+            if len(tids) == 1 and {h.pid for h in s.owners} == {pid}:
+                (tid,) = tids
+                s.owners = [Holder(pid, s.owners[0].fd, _thread_comm(pid, tid), tid)]
+
+
+def _thread_comm(pid: int, tid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/task/{tid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
+_WAIT_NR = {nr: name for name, nr in _sys.WAIT_SYSCALLS.items()}
+
+
+def thread_waits(
+    pids: list[int],
+    rounds: int = 5,
+    interval: float = 0.002,
+    patience: tuple[int, float, float] = (50, 0.25, 2.0),
+) -> dict[int, dict[int, set[int]] | None]:
+    """pid -> thread id -> inodes the thread was seen blocked waiting on; None for a process one
+    of whose threads was never seen blocked.
+
+    /proc/PID/task/TID/syscall shows a blocked thread's syscall number and
+    arguments, and "running" for a runnable one (on a CPU or preempted: the
+    kernel cannot read the registers of a task that may run). A thread
+    serving a connection is briefly runnable, so each thread is sampled
+    ``rounds`` times ``interval`` apart, and longer while some thread has not
+    been seen blocked yet: ``patience`` = (samples, seconds, cap) gives up
+    after that many samples and seconds both (on a loaded machine this
+    sampler waits for a CPU too: seconds alone would be a few samples), or
+    at the cap in seconds.
+    """
+    tasks = {pid: _tasks(pid) for pid in pids}
+    waits: dict[int, dict[int, set[int]]] = {pid: defaultdict(set) for pid in pids}
+    blocked: dict[int, set[int]] = {pid: set() for pid in pids}
+    gone: dict[int, set[int]] = {pid: set() for pid in pids}
+    cache: dict[tuple[int, int], set[int]] = {}
+    least, soon, cap = patience
+    t0 = time.monotonic()
+    n = 0
+    while True:
+        for pid, tids in tasks.items():
+            for tid in tids:
+                try:
+                    with open(f"/proc/{pid}/task/{tid}/syscall") as f:
+                        fields = f.read().split()
+                except (FileNotFoundError, ProcessLookupError):
+                    gone[pid].add(tid)  # exited: it waits on nothing
+                    continue
+                except OSError:
+                    continue  # not ours to read (no ptrace rights): never proven blocked
+                if not fields or fields[0] == "running":
+                    continue
+                blocked[pid].add(tid)
+                name = _WAIT_NR.get(int(fields[0]))
+                if name is not None:
+                    args = [int(a, 16) for a in fields[1:7]]
+                    waits[pid][tid] |= _waited_inodes(pid, name, args, cache)
+        n += 1
+        pending = any(set(tids) - blocked[pid] - gone[pid] for pid, tids in tasks.items())
+        spent = time.monotonic() - t0
+        if n >= rounds and (not pending or (n >= least and spent >= soon) or spent >= cap):
+            break
+        time.sleep(interval)
+    return {pid: None if set(tids) - blocked[pid] - gone[pid] else dict(waits[pid]) for pid, tids in tasks.items()}
+
+
+def _fd_inodes(pid: int, fd: int, cache: dict, depth: int = 0) -> set[int]:
+    """The socket inode of ``fd``, or for an epoll fd the inodes it watches (one level of nesting)."""
+    key = (pid, fd)
+    if key in cache:
+        return cache[key]
+    out: set[int] = set()
+    try:
+        link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        if link.startswith("socket:["):
+            out = {int(link[8:-1])}
+        elif link == "anon_inode:[eventpoll]":
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                watched = _TFD.findall(f.read())
+            out = {int(ino, 16) for _, ino in watched}
+            if depth == 0:  # an epoll inside an epoll (or inside a poll set)
+                for tfd, _ in watched:
+                    if os.readlink(f"/proc/{pid}/fd/{tfd}") == "anon_inode:[eventpoll]":
+                        out |= _fd_inodes(pid, int(tfd), cache, 1)
+    except (OSError, ValueError):
+        pass
+    cache[key] = out
+    return out
+
+
+def _waited_inodes(pid: int, name: str, args: list[int], cache: dict) -> set[int]:
+    if name.startswith(("epoll", "accept")):
+        return _fd_inodes(pid, args[0], cache)
+    fds: list[int] = []
+    try:
+        with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+            if name == "poll" or name.startswith("ppoll"):  # struct pollfd { int fd; short events, revents; } [nfds]
+                nfds = min(args[1], 4096)
+                raw = os.pread(mem.fileno(), 8 * nfds, args[0]) if nfds else b""
+                for i in range(len(raw) // 8):
+                    fd, events, _ = struct.unpack_from("=ihh", raw, 8 * i)
+                    if fd >= 0 and events & _sys.POLLIN:
+                        fds.append(fd)
+            elif args[1]:  # select, _newselect, pselect6: nfds, then the read fd_set (a bitmap)
+                word = struct.calcsize("L")  # fd_set: an array of longs, bit n of word n // bits
+                nwords = (min(args[0], 65536) + 8 * word - 1) // (8 * word)
+                raw = os.pread(mem.fileno(), nwords * word, args[1])
+                for w in range(len(raw) // word):
+                    bits = int.from_bytes(raw[w * word : (w + 1) * word], sys.byteorder)
+                    fds += [8 * word * w + b for b in range(8 * word) if bits >> b & 1]
+    except OSError:
+        return set()
+    out: set[int] = set()
+    for fd in fds:
+        out |= _fd_inodes(pid, fd, cache)
+    return out
 
 
 def assign_domains(socks: list[GroupSocket], topo: topology.Topology) -> None:
@@ -210,7 +406,7 @@ def assign_domains(socks: list[GroupSocket], topo: topology.Topology) -> None:
         cpus: set[int] = set()
         for h in s.owners:
             try:
-                cpus |= os.sched_getaffinity(h.pid)
+                cpus |= os.sched_getaffinity(h.tid or h.pid)
             except OSError:
                 continue
         d = topo.domain_of_cpus(cpus) if cpus else None
