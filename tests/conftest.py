@@ -169,15 +169,15 @@ def connect_from(cpu: int, family, port: int, n: int, type=socket.SOCK_STREAM) -
     return Sent(ok, syns)
 
 
-class Queued(list):
-    """Per socket, the connections (datagrams) it had queued; ``resent``: the SYN-ACKs re-sent for them."""
+class Tally(list):
+    """Results, one per socket or connection; ``resent``: handshake packets sent again for them (measured)."""
 
     resent = 0
 
 
-def drain(socks) -> Queued:
+def drain(socks) -> Tally:
     """How many connections / datagrams each socket has queued (accepting them)."""
-    counts = Queued()
+    counts = Tally()
     for s in socks:
         s.setblocking(False)
         n = 0
