@@ -61,6 +61,7 @@ import errno
 import json
 import os
 import pwd
+import select
 import selectors
 import signal
 import socket
@@ -421,6 +422,13 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _hung_up(sock: socket.socket) -> bool:
+    """Whether the peer of this control socket closed its end (not just sent an empty message)."""
+    poll = select.poll()
+    poll.register(sock, select.POLLRDHUP)
+    return any(ev & (select.POLLHUP | select.POLLRDHUP) for _fd, ev in poll.poll(0))
+
+
 def _decode(raw: bytes) -> dict:
     """A worker's control message: a JSON object with a string ``op``; _Refused otherwise."""
     try:
@@ -580,8 +588,11 @@ class Master:
             raw = slot.ctl.recv(4096)
         except OSError:
             raw = b""
-        if not raw:  # the worker exited; _reap() handles it
-            self._close_channel(slot)
+        if not raw:
+            if _hung_up(slot.ctl):  # the worker exited; _reap() handles it
+                self._close_channel(slot)
+            else:  # a zero-length message: the same recv() result as the end of the channel
+                self._kill(slot, "an empty message")
             return
         try:
             self._handle(slot, _decode(raw))

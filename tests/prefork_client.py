@@ -20,6 +20,8 @@ import time
 import pytest
 from conftest import handshake
 
+from numareuse import _sys
+
 
 def http_get(host: str, port: int, timeout: float = 5.0) -> dict:
     """One request on a new connection (so every request is a new steering decision).
@@ -50,6 +52,21 @@ def read_response(c: socket.socket) -> dict:
     h = dict(ln.split(": ", 1) for ln in lines[1:])
     return {"pid": int(h["X-Worker-Pid"]), "index": int(h["X-Worker-Index"]), "cpu": int(h["X-Worker-Cpu"]),
             "domain": h["X-Worker-Domain"], "registered": h["X-Worker-Registered"]}  # fmt: skip
+
+
+def control_socket_of(worker_pid: int) -> socket.socket:
+    """A duplicate of a worker's end of its control socketpair (as a hostile worker holds it)."""
+    for fd in os.listdir(f"/proc/{worker_pid}/fd"):
+        dup = _sys.pidfd_getfd(worker_pid, int(fd))
+        try:
+            s = socket.socket(fileno=dup)
+        except OSError:
+            os.close(dup)
+            continue
+        if s.family == socket.AF_UNIX and s.type == socket.SOCK_SEQPACKET:
+            return s
+        s.close()
+    raise AssertionError(f"no control socket in worker {worker_pid}")
 
 
 class Server:

@@ -20,7 +20,7 @@ from collections import Counter
 
 import pytest
 from conftest import need, pinned
-from prefork_client import Server, http_get, read_response
+from prefork_client import Server, control_socket_of, http_get, read_response
 
 from numareuse import _sys
 from numareuse.prefork import parse_affinity
@@ -258,26 +258,11 @@ def test_bad_user_fails_with_one_line(kernel):
     assert p.stderr.strip() == "Error: prefork: no such user 'no-such-user-here'"
 
 
-def _control_fd_of(worker_pid: int) -> socket.socket:
-    """A duplicate of a worker's end of its control socketpair (as a hostile worker holds it)."""
-    for fd in os.listdir(f"/proc/{worker_pid}/fd"):
-        dup = _sys.pidfd_getfd(worker_pid, int(fd))
-        try:
-            s = socket.socket(fileno=dup)
-        except OSError:
-            os.close(dup)
-            continue
-        if s.family == socket.AF_UNIX and s.type == socket.SOCK_SEQPACKET:
-            return s
-        s.close()
-    raise AssertionError(f"no control socket in worker {worker_pid}")
-
-
 @pytest.mark.parametrize("flood", [False, True], ids=["garbage", "unread-replies"])
 def test_a_hostile_worker_is_killed_not_obeyed(server, flood):
     """A worker (maybe unprivileged, maybe compromised) cannot crash or block the master."""
     srv = server("--workers", "2", "--domains", "cpu", "--affinity", "auto")
-    ctl = _control_fd_of(srv.workers[0])
+    ctl = control_socket_of(srv.workers[0])
     ctl.setblocking(False)
     try:
         if flood:  # register requests whose replies nobody reads: the master's queue fills
