@@ -674,3 +674,15 @@ WAIT_SYSCALLS_BY_ABI = {
 }
 WAIT_SYSCALLS = WAIT_SYSCALLS_BY_ABI.get(abi() or "", {})
 POLLIN = 0x1
+
+
+_SIOCOUTQ = 0x5411  # TIOCOUTQ: for an AF_UNIX socket, bytes it sent that its peer has not read yet
+
+
+def unread_bytes(fd: int) -> int:
+    """Bytes this AF_UNIX socket sent that its peer has not read yet (ioctl SIOCOUTQ)."""
+    n = ctypes.c_int(0)
+    if _libc.ioctl(fd, _SIOCOUTQ, ctypes.byref(n)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return n.value

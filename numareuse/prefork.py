@@ -61,6 +61,7 @@ import errno
 import json
 import os
 import pwd
+import select
 import selectors
 import signal
 import socket
@@ -413,6 +414,32 @@ class _Worker:
 # -- master ----------------------------------------------------------------
 
 
+class _Refused(Exception):
+    """A control message that breaks the protocol: its worker is killed."""
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _hung_up(sock: socket.socket) -> bool:
+    """Whether the peer of this control socket closed its end (not just sent an empty message)."""
+    poll = select.poll()
+    poll.register(sock, select.POLLRDHUP)
+    return any(ev & (select.POLLHUP | select.POLLRDHUP) for _fd, ev in poll.poll(0))
+
+
+def _decode(raw: bytes) -> dict:
+    """A worker's control message: a JSON object with a string ``op``; _Refused otherwise."""
+    try:
+        msg = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # RecursionError: "[[[[..." nested past the limit
+        raise _Refused(f"not JSON: {type(e).__name__}") from None
+    if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):
+        raise _Refused("not an object with an op")
+    return msg
+
+
 @dataclass
 class _Slot:
     """A worker index: its socket for the server's lifetime, and its current process."""
@@ -561,29 +588,55 @@ class Master:
             raw = slot.ctl.recv(4096)
         except OSError:
             raw = b""
-        if not raw:  # the worker exited; _reap() handles it
+        if not raw:
+            if _hung_up(slot.ctl):  # the worker exited; _reap() handles it
+                self._close_channel(slot)
+            else:  # a zero-length message: the same recv() result as the end of the channel
+                self._kill(slot, "an empty message")
+            return
+        try:
+            self._handle(slot, _decode(raw))
+        except _Refused as e:
+            # the master serves every worker: one that breaks the protocol is killed and
+            # replaced, never allowed to stop or block the master
+            self._kill(slot, str(e))
+        except OSError as e:  # its reply could not be sent: it is gone or never reads
+            self._kill(slot, type(e).__name__)
+
+    def _kill(self, slot: _Slot, why: str) -> None:
+        _log(f"worker {slot.index} pid={slot.pid}: bad control message ({why}); killing it")
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(slot.pid, signal.SIGKILL)
+        self._close_channel(slot)  # nothing else it queued is read (or obeyed)
+
+    def _close_channel(self, slot: _Slot) -> None:
+        if slot.ctl is not None:
             self.poll.unregister(slot.ctl)
             slot.ctl.close()
             slot.ctl = None
-            return
-        try:
-            self._handle(slot, json.loads(raw))
-        except (ValueError, TypeError, KeyError, AttributeError, OSError) as e:
-            # the master serves every worker: one that sends garbage (or never reads its
-            # replies) is killed and replaced, never allowed to stop the master
-            _log(f"worker {slot.index} pid={slot.pid}: bad control message ({type(e).__name__}); killing it")
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(slot.pid, signal.SIGKILL)
 
-    def _handle(self, slot: _Slot, msg) -> None:
-        op = msg.get("op")  # AttributeError for a message that is not an object: caught above
+    def _handle(self, slot: _Slot, msg: dict) -> None:
+        op = msg["op"]
         if op == "register":
+            # one request at a time: a worker that never reads its replies would
+            # otherwise have the master register for it as often as it can queue
+            if _sys.unread_bytes(slot.ctl.fileno()):
+                raise _Refused("a request before it read the previous reply")
             slot.ctl.send(json.dumps(self._register_for(slot, msg.get("domain"))).encode())
         elif op == "ready":
+            cpus, domain, path, uid = msg.get("cpus"), msg.get("domain"), msg.get("path"), msg.get("uid")
+            if not (
+                isinstance(cpus, list)
+                and all(_is_int(c) for c in cpus)
+                and (domain is None or _is_int(domain))
+                and path in ("direct", "master", "off")
+                and _is_int(uid)
+            ):
+                raise _Refused("a ready message without cpus, domain, path and uid")
             slot.ready = True
             _log(
-                f"worker {slot.index} pid={slot.pid} cpus={','.join(map(str, msg['cpus']))} "
-                f"domain={_domain_name(msg['domain'])} registered={msg['path']} uid={msg['uid']}"
+                f"worker {slot.index} pid={slot.pid} cpus={','.join(map(str, cpus))} "
+                f"domain={_domain_name(domain)} registered={path} uid={uid}"
             )
             if not self.announced and all(s.ready for s in self.slots):
                 self.announced = True
@@ -594,7 +647,9 @@ class Master:
                 )
         elif op == "error":
             if not self.announced:
-                self._fatal(f"worker {slot.index}: {msg.get('error')}")
+                self._fatal(f"worker {slot.index}: {' '.join(str(msg.get('error')).split())}")
+        else:
+            raise _Refused(f"unknown op {op[:40]!r}")
 
     def _register_for(self, slot: _Slot, domain) -> dict:
         """A worker's request: register ITS socket (the only one its channel names) at ``domain``."""
@@ -623,10 +678,7 @@ class Master:
             else:
                 how = f"status {os.waitstatus_to_exitcode(status)}"
             slot.pid = 0
-            if slot.ctl is not None:
-                self.poll.unregister(slot.ctl)
-                slot.ctl.close()
-                slot.ctl = None
+            self._close_channel(slot)
             if self.stopping:
                 continue
             if not self.announced:
@@ -641,11 +693,16 @@ class Master:
         for s in live:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(s.pid, signal.SIGTERM)
+                os.kill(s.pid, signal.SIGCONT)  # a stopped worker acts on SIGTERM only once continued
         # detach while the group exists (shutting its last listener below frees it)
+        detached = False
         if self.sel is not None:
-            st = self.sel.stats()
-            _log("stats " + " ".join(f"{k}={v}" for k, v in st.items()))
-        detached = self.sel is not None and self.sel.detach()
+            try:
+                st = self.sel.stats()
+                _log("stats " + " ".join(f"{k}={v}" for k, v in st.items()))
+                detached = self.sel.detach()
+            except NumaReuseError as e:  # stop anyway: closing every socket below frees the group
+                print(f"Error: prefork: {e}", file=sys.stderr, flush=True)
         for s in self.slots:
             # stop listening now: a new client is refused at once (and can retry elsewhere)
             # instead of being queued for a worker that drains and then reset seconds later

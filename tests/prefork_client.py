@@ -18,16 +18,25 @@ import threading
 import time
 
 import pytest
+from conftest import handshake
+
+from numareuse import _sys
 
 
 def http_get(host: str, port: int, timeout: float = 5.0) -> dict:
-    """One request on a new connection (so every request is a new steering decision); its X-Worker headers."""
+    """One request on a new connection (so every request is a new steering decision).
+
+    Its X-Worker headers, and ``resent``: the SYNs this connection sent again
+    (measured, see conftest.handshake). The server closes first, so its
+    TIME_WAIT, not its listener, meets whatever of the connection comes late.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family) as c:
-        c.settimeout(timeout)
-        c.connect((host, port))
+        syns = handshake(c, (host, port), timeout)
         c.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-        return read_response(c)
+        answer = read_response(c)
+    answer["resent"] = syns
+    return answer
 
 
 def read_response(c: socket.socket) -> dict:
@@ -45,16 +54,37 @@ def read_response(c: socket.socket) -> dict:
             "domain": h["X-Worker-Domain"], "registered": h["X-Worker-Registered"]}  # fmt: skip
 
 
-class Server:
-    """``python -m numareuse.prefork`` in its own session, its output collected line by line."""
+def control_socket_of(worker_pid: int) -> socket.socket:
+    """A duplicate of a worker's end of its control socketpair (as a hostile worker holds it)."""
+    for fd in os.listdir(f"/proc/{worker_pid}/fd"):
+        dup = _sys.pidfd_getfd(worker_pid, int(fd))
+        try:
+            s = socket.socket(fileno=dup)
+        except OSError:
+            os.close(dup)
+            continue
+        if s.family == socket.AF_UNIX and s.type == socket.SOCK_SEQPACKET:
+            return s
+        s.close()
+    raise AssertionError(f"no control socket in worker {worker_pid}")
 
-    def __init__(self, *args: str):
+
+class Server:
+    """``python -m numareuse.prefork`` in its own session, its output collected line by line.
+
+    ``hook``: Python source run instead of ``-m numareuse.prefork``; it patches what a
+    test needs, then calls ``numareuse.prefork.main(sys.argv[1:])``.
+    """
+
+    def __init__(self, *args: str, hook: str | None = None, env: dict | None = None):
+        how = ["-c", hook] if hook else ["-m", "numareuse.prefork"]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "numareuse.prefork", "--port", "0", *args],
+            [sys.executable, *how, "--port", "0", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             start_new_session=True,  # one process group to clean up, even on failure
+            env={**os.environ, **(env or {})},
         )
         self.lines: list[str] = []
         self._cv = threading.Condition()

@@ -20,7 +20,7 @@ from collections import Counter
 
 import pytest
 from conftest import need, pinned
-from prefork_client import Server, http_get, read_response
+from prefork_client import Server, control_socket_of, http_get, read_response
 
 from numareuse import _sys
 from numareuse.prefork import parse_affinity
@@ -33,8 +33,8 @@ def server(kernel, two_cpus):
     """Factory: a started server with the given CLI arguments; every process is gone at the end."""
     made: list[Server] = []
 
-    def start(*args: str) -> Server:
-        s = Server(*args)
+    def start(*args: str, **kw) -> Server:
+        s = Server(*args, **kw)
         made.append(s)
         return s.start()
 
@@ -258,26 +258,11 @@ def test_bad_user_fails_with_one_line(kernel):
     assert p.stderr.strip() == "Error: prefork: no such user 'no-such-user-here'"
 
 
-def _control_fd_of(worker_pid: int) -> socket.socket:
-    """A duplicate of a worker's end of its control socketpair (as a hostile worker holds it)."""
-    for fd in os.listdir(f"/proc/{worker_pid}/fd"):
-        dup = _sys.pidfd_getfd(worker_pid, int(fd))
-        try:
-            s = socket.socket(fileno=dup)
-        except OSError:
-            os.close(dup)
-            continue
-        if s.family == socket.AF_UNIX and s.type == socket.SOCK_SEQPACKET:
-            return s
-        s.close()
-    raise AssertionError(f"no control socket in worker {worker_pid}")
-
-
 @pytest.mark.parametrize("flood", [False, True], ids=["garbage", "unread-replies"])
 def test_a_hostile_worker_is_killed_not_obeyed(server, flood):
     """A worker (maybe unprivileged, maybe compromised) cannot crash or block the master."""
     srv = server("--workers", "2", "--domains", "cpu", "--affinity", "auto")
-    ctl = _control_fd_of(srv.workers[0])
+    ctl = control_socket_of(srv.workers[0])
     ctl.setblocking(False)
     try:
         if flood:  # register requests whose replies nobody reads: the master's queue fills
@@ -296,6 +281,102 @@ def test_a_hostile_worker_is_killed_not_obeyed(server, flood):
     assert int(m.group(1)) != srv.workers[0]
     assert {a["index"] for a in answers(0, srv, 10)} == {0}  # the replacement serves
     assert {a["index"] for a in answers(1, srv, 10)} == {1}  # and the master never stopped
+
+
+# Runs in the master instead of ``-m numareuse.prefork``: the first worker 1 started while
+# the file $NUMAREUSE_TEST_STOP exists moves its socket itself (to the wildcard: a move
+# writes the maps) and stops (SIGSTOP) at the first map access it makes while it holds a
+# file lock: in the middle of register(), holding the selector's lock.
+STOPS_HOLDING_THE_LOCK = """
+import os, signal, sys
+from numareuse import WILDCARD, _sys, prefork
+
+trigger = os.environ["NUMAREUSE_TEST_STOP"]
+register = prefork._Worker._register
+ACCESS = ("_bpf", "map_lookup", "map_update", "map_update_u64key", "map_delete")
+
+
+def holds_a_lock():
+    for fd in os.listdir("/proc/self/fdinfo"):
+        try:
+            with open("/proc/self/fdinfo/" + fd) as f:
+                if any(line.startswith("lock:") for line in f):
+                    return True
+        except OSError:
+            pass
+    return False
+
+
+def _register(self):
+    if self.index == 1 and os.path.exists(trigger):
+        os.unlink(trigger)
+        real = {name: getattr(_sys, name) for name in ACCESS}
+
+        def stopping(name):
+            def access(*a, **kw):
+                if holds_a_lock():
+                    for n, fn in real.items():
+                        setattr(_sys, n, fn)
+                    os.kill(os.getpid(), signal.SIGSTOP)
+                return real[name](*a, **kw)
+            return access
+
+        for name in ACCESS:
+            setattr(_sys, name, stopping(name))
+        self.sel.register(self.sock, WILDCARD)
+    register(self)
+
+
+prefork._Worker._register = _register
+sys.exit(prefork.main(sys.argv[1:]))
+"""
+
+
+def _children(pid: int) -> set[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return {int(p) for p in f.read().split()}
+
+
+def _holds_a_lock(pid: int) -> bool:
+    """Whether any file lock (POSIX, OFD or flock) of ``pid`` is listed in its fdinfo."""
+    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/fdinfo/{fd}") as f:
+            if any(line.startswith("lock:") for line in f):
+                return True
+    return False
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.xfail(strict=False, reason="needs the bounded lock")
+def test_a_worker_stopped_holding_the_lock_does_not_hang_the_master(server, tmp_path):
+    """A worker stopped inside register() holds the selector's lock; the master, registering
+    another worker's socket, must give up on the lock, survive, and still stop on SIGTERM."""
+    trigger = tmp_path / "stop"
+    srv = server(
+        "--workers", "2", "--domains", "cpu", "--affinity", "auto", "--registration", "master",
+        hook=STOPS_HOLDING_THE_LOCK, env={"NUMAREUSE_TEST_STOP": str(trigger)},
+    )  # fmt: skip
+    trigger.touch()
+    os.kill(srv.workers[1], signal.SIGKILL)  # its replacement stops holding the lock
+    deadline = time.monotonic() + 20
+    while True:
+        new = _children(srv.proc.pid) - {srv.workers[0], srv.workers[1]}
+        if new and status_fields(min(new))["State"][0] == "T" and _holds_a_lock(min(new)):
+            break
+        assert time.monotonic() < deadline, f"no stopped worker 1 holding a lock; output:\n{srv.lines}"
+        time.sleep(0.05)
+    mark = len(srv.lines)
+    os.kill(srv.workers[0], signal.SIGKILL)  # its replacement asks the master to register it
+    # the master gives up on the lock, answers with an error, and goes on: it reaps and restarts
+    srv.wait_for(r"^worker 0 pid=\d+ exited \(status 1\); restarting", start=mark, timeout=20)
+    assert srv.proc.poll() is None, "the master died"
+    srv.proc.send_signal(signal.SIGTERM)
+    try:
+        code = srv.proc.wait(20)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the master did not stop on SIGTERM; output:\n" + "\n".join(srv.lines))
+    assert code == 0, srv.lines
+    srv.wait_for(r"^stopped detached=yes")
 
 
 def test_negative_content_length_is_refused(server):

@@ -9,9 +9,10 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import time
 
 import pytest
-from conftest import LOOPBACK, connect_from, drain, pinned, reuseport_socket
+from conftest import LOOPBACK, assert_runs, connect_from, drain, handshake, pinned, resent, reuseport_socket
 
 from numareuse import (
     CURRENT,
@@ -31,8 +32,9 @@ TYPES = [socket.SOCK_STREAM, socket.SOCK_DGRAM]
 N = 40  # connections per CPU
 
 
-def ids(v):
-    return {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6", socket.SOCK_STREAM: "tcp", socket.SOCK_DGRAM: "udp"}[v]
+# two maps: AF_INET and SOCK_DGRAM are both 2
+FAMILY_IDS = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}
+TYPE_IDS = {socket.SOCK_STREAM: "tcp", socket.SOCK_DGRAM: "udp"}
 
 
 @pytest.fixture
@@ -41,21 +43,24 @@ def sel(kernel, two_cpus):
         yield s
 
 
-@pytest.mark.parametrize("type_", TYPES, ids=ids)
-@pytest.mark.parametrize("family", FAMILIES, ids=ids)
+@pytest.mark.parametrize("type_", TYPES, ids=TYPE_IDS.get)
+@pytest.mark.parametrize("family", FAMILIES, ids=FAMILY_IDS.get)
 def test_steers_each_cpu_to_its_domain(sel, group, family, type_):
     socks, port = group(4, family, type_)
     sel.attach(socks[0])
     for i, s in enumerate(socks):
         assert sel.register(s, i // 2) == i // 2
+    again = 0
     for cpu in (0, 1):
-        assert connect_from(cpu, family, port, N, type_) == N
+        sent = connect_from(cpu, family, port, N, type_)
+        assert sent.ok == N
         got = drain(socks)
         mine = got[2 * cpu : 2 * cpu + 2]
         assert sum(mine) == N, f"cpu {cpu}: {got}"
         assert all(c > 0 for c in mine), f"cpu {cpu}: both domain sockets should get some: {got}"
+        again += sent.resent + got.resent
     st = sel.stats()
-    assert st["local"] == 2 * N
+    assert_runs(st["local"], 2 * N, again, "local")
     assert st["wildcard"] == st["fallback"] == 0
 
 
@@ -85,13 +90,18 @@ def test_empty_domain_falls_back_to_wildcard(sel, group):
     sel.register(socks[0], 0)
     sel.register(socks[1], WILDCARD)
     sel.register(socks[2], WILDCARD)
-    assert connect_from(1, socket.AF_INET, port, N) == N  # domain 1 has no socket
+    far = connect_from(1, socket.AF_INET, port, N)  # domain 1 has no socket
+    assert far.ok == N
     got = drain(socks)
     assert got[0] == 0 and got[1] + got[2] == N and got[1] and got[2]
-    assert connect_from(0, socket.AF_INET, port, N) == N
-    assert drain(socks) == [N, 0, 0]
+    near = connect_from(0, socket.AF_INET, port, N)
+    assert near.ok == N
+    got_near = drain(socks)
+    assert got_near == [N, 0, 0]
     st = sel.stats()
-    assert (st["local"], st["wildcard"], st["fallback"]) == (N, N, 0)
+    assert_runs(st["wildcard"], N, far.resent + got.resent, "wildcard")
+    assert_runs(st["local"], N, near.resent + got_near.resent, "local")
+    assert st["fallback"] == 0
 
 
 def test_no_domain_no_wildcard_goes_to_another_domain(sel, group):
@@ -99,19 +109,62 @@ def test_no_domain_no_wildcard_goes_to_another_domain(sel, group):
     socks, port = group(3)
     sel.attach(socks[0])
     sel.register(socks[0], 0)
-    assert connect_from(1, socket.AF_INET, port, N) == N
-    assert drain(socks) == [N, 0, 0]  # socks[1:] are in the group but not registered (e.g. draining)
+    sent = connect_from(1, socket.AF_INET, port, N)
+    assert sent.ok == N
+    got = drain(socks)
+    assert got == [N, 0, 0]  # socks[1:] are in the group but not registered (e.g. draining)
     st = sel.stats()
-    assert (st["local"], st["remote"], st["fallback"]) == (0, N, 0)
+    assert_runs(st["remote"], N, sent.resent + got.resent, "remote")
+    assert st["local"] == 0 and st["fallback"] == 0
 
 
 def test_nothing_registered_uses_kernel_hash(sel, group):
     socks, port = group(3)
     sel.attach(socks[0])
-    assert connect_from(1, socket.AF_INET, port, N) == N  # nothing registered: every connection accepted
+    sent = connect_from(1, socket.AF_INET, port, N)  # nothing registered: every connection accepted
+    assert sent.ok == N
     got = drain(socks)
     assert sum(got) == N and sum(1 for g in got if g) >= 2, got  # spread by the kernel over the whole group
-    assert sel.stats()["fallback"] == N
+    assert_runs(sel.stats()["fallback"], N, sent.resent + got.resent, "fallback")
+
+
+def test_a_resent_syn_is_measured_and_counted(sel, group):
+    """The measurement every counter check relies on, on this kernel.
+
+    A SYN that finds the accept queue full runs the program, then is dropped
+    (ListenOverflows); the client sends it again a second later and that SYN
+    runs the program again. tcpi_total_retrans on the client counts it.
+    """
+    socks, port = group(1)
+    listener = socks[0]
+    listener.listen(1)  # full at 2 queued connections (the kernel allows backlog + 1)
+    sel.attach(listener)
+    sel.register(listener, WILDCARD)  # whichever CPU sends the SYN again: the same outcome
+
+    def runs() -> int:
+        st = sel.stats()
+        return st["local"] + st["wildcard"] + st["remote"] + st["fallback"]
+
+    queued = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(2)]
+    late = socket.socket()
+    try:
+        late.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            late.connect(("127.0.0.1", port))
+        deadline = time.monotonic() + 5
+        while runs() < 3:  # its first SYN ran the program (and was dropped: the queue is full)
+            assert time.monotonic() < deadline, sel.stats()
+            time.sleep(0.01)
+        assert drain(socks) == [2]  # room again: the SYN sent again is accepted
+        again = handshake(late, ("127.0.0.1", port), timeout=10)
+        assert again >= 1
+        assert drain(socks) == [1]
+        assert runs() == 3 + again  # each SYN sent again was dropped after the program ran, or accepted
+        assert resent(queued[0]) == 0
+    finally:
+        late.close()
+        for c in queued:
+            c.close()
 
 
 def test_closed_socket_without_unregister(sel, group):
@@ -120,11 +173,13 @@ def test_closed_socket_without_unregister(sel, group):
     for i, s in enumerate(socks):
         sel.register(s, i // 2)
     socks[2].close()  # domain 1 loses one of its two sockets; the kernel empties its slot
-    assert connect_from(1, socket.AF_INET, port, N) == N
+    sent = connect_from(1, socket.AF_INET, port, N)
+    assert sent.ok == N
     got = drain([socks[0], socks[1], socks[3]])
     assert got == [0, 0, N]
     st = sel.stats()
-    assert st["local"] == N and st["fallback"] == 0
+    assert_runs(st["local"], N, sent.resent + got.resent, "local")
+    assert st["fallback"] == 0
     # the probe stepped past the empty slot for the flows that hashed to it
     assert st["empty_skipped"] > 0
     # a sweep drops the dead slot and compacts: no probing any more
@@ -132,7 +187,7 @@ def test_closed_socket_without_unregister(sel, group):
     regs = [r for r in sel.registrations() if r["domain"] == 1]
     assert len(regs) == 1 and regs[0]["live"] and regs[0]["slot"] == sel.capacity
     before = sel.stats()["empty_skipped"]
-    assert connect_from(1, socket.AF_INET, port, N) == N
+    assert connect_from(1, socket.AF_INET, port, N).ok == N
     assert drain([socks[3]]) == [N]
     assert sel.stats()["empty_skipped"] == before
 
@@ -145,11 +200,14 @@ def test_whole_domain_closed_falls_back(sel, group):
     sel.register(socks[2], 1)
     socks[1].close()
     socks[2].close()
-    assert connect_from(1, socket.AF_INET, port, N) == N
-    assert drain([socks[0]]) == [N]
+    sent = connect_from(1, socket.AF_INET, port, N)
+    assert sent.ok == N
+    got = drain([socks[0]])
+    assert got == [N]
     st = sel.stats()
-    # every connection probed both empty slots of domain 1, then took the wildcard
-    assert (st["local"], st["wildcard"], st["empty_skipped"]) == (0, N, 2 * N)
+    # every run of the program probed both empty slots of domain 1, then took the wildcard
+    assert_runs(st["wildcard"], N, sent.resent + got.resent, "wildcard")
+    assert st["local"] == 0 and st["empty_skipped"] == 2 * st["wildcard"], st
 
 
 def test_register_current_uses_affinity(sel, group):
@@ -195,9 +253,9 @@ def test_register_again_moves_and_is_idempotent(sel, group):
     sel.register(socks[0], 1)  # move
     regs = sel.registrations()
     assert sorted(r["domain"] for r in regs) == [0, 1]
-    assert connect_from(1, socket.AF_INET, port, N) == N
+    assert connect_from(1, socket.AF_INET, port, N).ok == N
     assert drain(socks) == [N, 0]
-    assert connect_from(0, socket.AF_INET, port, N) == N
+    assert connect_from(0, socket.AF_INET, port, N).ok == N
     assert drain(socks) == [0, N]
 
 
@@ -211,7 +269,7 @@ def test_unregister_compacts(sel, group):
     regs = sel.registrations()
     assert [r["slot"] for r in regs] == [0, 1, 2]  # the last slot moved into the hole
     assert all(r["live"] for r in regs)
-    assert connect_from(0, socket.AF_INET, port, N) == N
+    assert connect_from(0, socket.AF_INET, port, N).ok == N
     got = drain(socks)
     assert got[0] == 0 and sum(got) == N
     assert sel.stats()["empty_skipped"] == 0
@@ -283,14 +341,14 @@ def test_detach_restores_kernel_balance(sel, group):
     assert sel.detach() is False  # idempotent
     assert not sel.attached
     for cpu in (0, 1):
-        assert connect_from(cpu, socket.AF_INET, port, N) == N
+        assert connect_from(cpu, socket.AF_INET, port, N).ok == N
         got = drain(socks)
         assert all(got), f"kernel hash should use both sockets: {got}"
     assert sel.stats()["local"] == 0  # the program no longer runs
     with pytest.raises(NotInGroupError):
         sel.register(socks[0], 0)
     sel.attach(socks[1])  # and can attach again
-    assert connect_from(0, socket.AF_INET, port, N) == N
+    assert connect_from(0, socket.AF_INET, port, N).ok == N
     assert drain(socks) == [N, 0]
 
 
@@ -326,7 +384,7 @@ def test_64_domains_1024_sockets(kernel, group):
         for i, s in enumerate(socks):
             sel.register(s, i % len(cpus) if i < 1000 else WILDCARD)
         assert len(sel.registrations()) == 1024
-        assert connect_from(cpus[0], socket.AF_INET, port, N) == N
+        assert connect_from(cpus[0], socket.AF_INET, port, N).ok == N
         got = drain(socks)
         assert sum(got) == N
         assert all(got[i] == 0 for i in range(len(socks)) if i >= 1000 or i % len(cpus) != 0)
@@ -340,7 +398,7 @@ def test_close_releases_everything(no_leaks, group, two_cpus):
     sel.register(socks[1], 1)
     sel.close()
     sel.close()  # twice is fine
-    assert connect_from(0, socket.AF_INET, port, 10) == 10  # detached: kernel hash
+    assert connect_from(0, socket.AF_INET, port, 10).ok == 10  # detached: kernel hash
     assert sum(drain(socks)) == 10
 
 
@@ -364,7 +422,7 @@ def test_failed_move_leaves_socket_where_it_was(kernel, two_cpus, group):
         with pytest.raises(CapacityError):
             sel.register(socks[0], 1)  # domain 1 is full
         assert sorted(r["domain"] for r in sel.registrations()) == [0, 1]
-        assert connect_from(0, socket.AF_INET, port, N) == N
+        assert connect_from(0, socket.AF_INET, port, N).ok == N
         assert drain(socks) == [N, 0]
 
 

@@ -183,7 +183,7 @@ def test_shutdown_then_listen_again_is_repaired_by_refresh(sel, group):
     socks[1].listen(512)  # same socket, same cookie, same port: listening again
     assert sel.refresh() == 0
     assert all(r["live"] for r in sel.registrations())
-    assert connect_from(1, socket.AF_INET, port, N) == N
+    assert connect_from(1, socket.AF_INET, port, N).ok == N
     assert drain(socks) == [0, N]
 
 
@@ -196,7 +196,7 @@ def test_a_move_cut_short_is_repaired(sel, group):
     slot = next(r["slot"] for r in sel.registrations() if r["domain"] == 1)
     _sys.map_delete(sel.map_fds["sockarray"], struct.pack("=I", slot))  # the move's first step, then the "crash"
     sel.refresh()
-    assert connect_from(1, socket.AF_INET, port, N) == N
+    assert connect_from(1, socket.AF_INET, port, N).ok == N
     assert drain(socks) == [0, N]
     assert sel.stats()["fallback"] == 0
 
@@ -212,7 +212,7 @@ def test_an_orphan_above_the_count_does_not_block_register(sel, group):
     slots = [r["slot"] for r in sel.registrations() if r["domain"] == 1]
     assert slots == [1 * sel.capacity]
     assert _sys.map_lookup(sel.map_fds["sockarray"], struct.pack("=I", orphan_slot), 8) is None
-    assert connect_from(1, socket.AF_INET, port, N) == N
+    assert connect_from(1, socket.AF_INET, port, N).ok == N
     assert drain(socks) == [0, N]
 
 
@@ -223,16 +223,16 @@ def test_drain_stops_new_connections_and_waits_for_the_queue(sel, group):
     sel.register(a, 0)
     sel.register(a2, 0)
     sel.register(b, 1)
-    assert connect_from(0, socket.AF_INET, port, N) == N
+    assert connect_from(0, socket.AF_INET, port, N).ok == N
     queued_on_a = len(_accept_all(a, keep=True))
     assert queued_on_a > 0
-    assert connect_from(0, socket.AF_INET, port, N) == N  # queue some on a again, then drain without accepting
+    assert connect_from(0, socket.AF_INET, port, N).ok == N  # queue some on a again, then drain without accepting
     drain([a2, b])
     assert sel.drain(a, timeout=0.3, grace=0) is False  # nobody accepts: the queue stays
     assert sel.drained() == {_sys.sock_cookie(a.fileno())}
     before = drain([a])[0]
     assert before > 0
-    assert connect_from(0, socket.AF_INET, port, N) == N
+    assert connect_from(0, socket.AF_INET, port, N).ok == N
     assert drain(socks) == [0, N, 0]  # nothing new reaches the drained socket; its domain peer takes all
     # an owner that keeps accepting: drain returns True once its queue is empty
     stop = threading.Event()
@@ -245,7 +245,7 @@ def test_drain_stops_new_connections_and_waits_for_the_queue(sel, group):
         t.join()
     sel.register(a, 0)  # steer to it again
     assert sel.drained() == set()
-    assert connect_from(0, socket.AF_INET, port, N) == N
+    assert connect_from(0, socket.AF_INET, port, N).ok == N
     got = drain(socks)
     assert got[0] > 0 and got[0] + got[1] == N and got[2] == 0
 
@@ -257,7 +257,7 @@ def test_a_drained_socket_is_not_picked_when_its_domain_empties(sel, group):
     sel.register(socks[0], 0)
     sel.register(socks[1], 1)
     sel.drain(socks[0], timeout=0, grace=0)
-    assert connect_from(0, socket.AF_INET, port, N) == N
+    assert connect_from(0, socket.AF_INET, port, N).ok == N
     assert drain(socks) == [0, N]
     assert sel.stats()["remote"] >= N and sel.stats()["fallback"] == 0
 

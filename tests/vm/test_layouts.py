@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import LOOPBACK, pinned
+from conftest import LOOPBACK, handshake, pinned
 
 from numareuse import CURRENT, DomainError, Selector, _sys, topology
 
@@ -82,9 +82,8 @@ def connect_pinned(cpu: int, port: int, n: int = N) -> None:
     with pinned(cpu):
         for _ in range(n):
             c = socket.socket()
-            c.settimeout(10)
             try:
-                c.connect((LOOPBACK[socket.AF_INET], port))
+                handshake(c, (LOOPBACK[socket.AF_INET], port), timeout=10)  # a SYN sent again stays on this CPU
             except ConnectionResetError:
                 pass  # accepted and reset by an Acceptor before connect() returned; a refusal is ECONNREFUSED
             finally:
@@ -362,9 +361,8 @@ class ClientLoop:
         os.sched_setaffinity(0, {self.cpu})  # this thread only
         while not self._stop.is_set() and self.ok + len(self.errors) < self.max:
             c = socket.socket()
-            c.settimeout(10)
             try:
-                c.connect((LOOPBACK[socket.AF_INET], self.port))
+                handshake(c, (LOOPBACK[socket.AF_INET], self.port), timeout=10)
                 c.recv(1)  # b"" or a reset: the server accepted it
                 self.ok += 1
             except ConnectionResetError:
