@@ -103,7 +103,10 @@ class Server:
         self.port = free_port()
         self.log_path = tmp / f"{name}.log"
         # gunicorn 27's control socket is one path per user (~/.gunicorn/gunicorn.ctl) for every gunicorn
+        # --graceful-timeout: gunicorn loses a SIGTERM that reaches a worker before it set its handlers
+        # (a boot race); the arbiter then kills that worker after this timeout
         cmd = [GUNICORN, "-b", f"127.0.0.1:{self.port}", "--pythonpath", str(ROOT / "examples"), "--no-control-socket"]
+        cmd += ["--graceful-timeout", "5"]
         if conf is not None:
             path = tmp / f"{name}.conf.py"
             path.write_text(conf)
@@ -115,6 +118,10 @@ class Server:
 
     def log(self) -> str:
         return self.log_path.read_text()
+
+    def recycled(self, workers: int) -> int:
+        """Workers booted after the first ``workers`` (from the log)."""
+        return self.log().count("Booting worker with pid") - workers
 
     def get(self) -> dict[str, str]:
         """One request; the response's X-Worker-* headers."""
@@ -153,28 +160,49 @@ class Server:
 
 def start_load(port: int, seconds: int, script: Path) -> list[tuple[int, subprocess.Popen]]:
     """Two wrk clients, one pinned to each of CPUs 0 and 1, 8 connections each."""
+    cmd = [WRK, "-t1", "-c8", f"-d{seconds}s", "--timeout", "10s", "-s", str(script), "-H", "Connection: close"]
     clients = []
     for cpu in (0, 1):
-        with pinned(cpu):  # wrk and its threads inherit the affinity; their SYNs are processed on `cpu`
-            clients.append(
-                (
-                    cpu,
-                    subprocess.Popen(
-                        [WRK, "-t1", "-c8", f"-d{seconds}s", "--timeout", "10s", "-s", str(script)]
-                        + ["-H", "Connection: close", f"http://127.0.0.1:{port}/"],
-                        stdout=subprocess.PIPE,
-                        text=True,
-                    ),
+        for _attempt in range(50):
+            with pinned(cpu):  # wrk and its threads inherit the affinity; their SYNs are processed on `cpu`
+                proc = subprocess.Popen(
+                    cmd + [f"http://127.0.0.1:{port}/"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
                 )
-            )
+            try:
+                proc.wait(0.3)
+            except subprocess.TimeoutExpired:
+                break
+            # wrk gives up when its first connect is refused: plain gunicorn, between two worker generations
+            assert "unable to connect" in proc.stderr.read(), proc.communicate()
+        clients.append((cpu, proc))
     return clients
+
+
+def run_load(ports: list[int], script: Path, least: float, most: float, enough) -> list[Load]:
+    """Load on each port for ``least`` to ``most`` seconds, stopped once ``enough()`` holds.
+
+    Recycling goes at the machine's speed (a uvicorn worker's boot takes
+    seconds on a busy machine), so a run lasts until the workers were
+    recycled often enough rather than a fixed time. SIGINT stops wrk, which
+    then reports as at its end.
+    """
+    groups = [start_load(port, int(most), script) for port in ports]
+    procs = [proc for clients in groups for _cpu, proc in clients]
+    start = time.monotonic()
+    while any(proc.poll() is None for proc in procs):
+        if time.monotonic() - start >= least and enough():
+            for proc in procs:
+                proc.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.2)
+    return [finish_load(clients) for clients in groups]
 
 
 def finish_load(clients) -> Load:
     load = Load(0, {k: 0 for k in ("connect", "read", "write", "timeout")}, 0, {})
     for cpu, proc in clients:
-        out, _ = proc.communicate(timeout=120)
-        assert proc.returncode == 0, out
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, (proc.returncode, out, err)
         load.requests += int(re.search(r"(\d+) requests in", out).group(1))
         if m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out):
             for k, v in zip(("connect", "read", "write", "timeout"), m.groups()):
@@ -211,14 +239,15 @@ def recycling(n: int, jitter: int, workers: int = 2) -> list[str]:
 
 def test_sync_recycling_no_reset_and_local_side_by_side_with_plain_gunicorn(tmp_path, wrk_script):
     """The brief's run: -w 2 --reuse-port, recycling, 15 s of wrk; plain gunicorn next to it."""
-    args = ["--reuse-port", *recycling(200, 20), "gunicorn_app:app"]
+    args = ["--reuse-port", *recycling(100, 10), "gunicorn_app:app"]
     steered = Server(tmp_path, "numareuse", args, conf=ONE_LINE.format(domains=DOMAINS))
     plain = Server(tmp_path, "plain", args)
     try:
         steered.wait_ready(2)
         plain.wait_ready(2)
-        loads = [start_load(steered.port, 15, wrk_script), start_load(plain.port, 15, wrk_script)]
-        with_numareuse, without = (finish_load(c) for c in loads)
+        with_numareuse, without = run_load(
+            [steered.port, plain.port], wrk_script, 15, 25, lambda: min(steered.recycled(2), plain.recycled(2)) >= 12
+        )
     finally:
         steered.stop()
         plain.stop()
@@ -261,27 +290,38 @@ def on_exit(server):
 """
 
 
-def test_gthread_keeps_the_users_hooks(tmp_path, wrk_script):
+def test_gthread_keeps_the_users_hooks_through_a_reload(tmp_path, wrk_script):
     marks = tmp_path / "marks"
     conf = USER_HOOKS.format(marks=str(marks)) + ONE_LINE.format(domains=DOMAINS)
     server = Server(
         tmp_path,
         "gthread",
-        ["--reuse-port", "-k", "gthread", "--threads", "4", *recycling(150, 15)] + ["gunicorn_app:app"],
+        ["--reuse-port", "-k", "gthread", "--threads", "4", *recycling(50, 5)] + ["gunicorn_app:app"],
         conf,
     )
     try:
         server.wait_ready(2)
-        load = finish_load(start_load(server.port, 8, wrk_script))
+        hup = [time.monotonic() + 3]  # a reload too: it runs the config again and forks new workers
+
+        def enough() -> bool:
+            if hup and time.monotonic() >= hup[0]:
+                server.proc.send_signal(signal.SIGHUP)
+                hup.clear()
+            return not hup and server.recycled(2) >= 14
+
+        (load,) = run_load([server.port], wrk_script, 6, 15, enough)
     finally:
         server.stop()
-    print(f"\ngthread with numareuse: {load.summary()}")
+    print(f"\ngthread with numareuse, a reload included: {load.summary()}")
+    assert "Handling signal: hup" in server.log()
     assert_clean_and_local(load, workers=2, recycles=10)
     lines = marks.read_text().splitlines()
     hooks = collections.Counter(line.split()[0] for line in lines)
     assert hooks["when_ready"] == 1 and hooks["on_exit"] == 1, hooks
     spawned = hooks["post_fork"]
-    assert spawned == hooks["pre_fork"] == hooks["worker_exit"] == hooks["child_exit"] >= 12, hooks
+    assert spawned == hooks["pre_fork"] >= 12, hooks
+    # every worker exits and is reaped, but one killed at shutdown after that boot race runs neither hook
+    assert spawned - 1 <= hooks["worker_exit"] <= spawned and spawned - 1 <= hooks["child_exit"] <= spawned, hooks
     assert hooks["pre_request"] >= spawned - 2, hooks  # each worker served (the last two may not have)
     # the user's post_fork runs after numareuse's: it sees its worker pinned, with one socket
     forks = {tuple(line.split()[1:]) for line in lines if line.startswith("post_fork")}
@@ -290,11 +330,11 @@ def test_gthread_keeps_the_users_hooks(tmp_path, wrk_script):
 
 def test_uvicorn_worker_with_the_ready_config(tmp_path, wrk_script):
     need(importlib.util.find_spec("uvicorn_worker") is not None, "uvicorn-worker is not installed")
-    args = ["-c", "python:numareuse.gunicorn", "-k", "uvicorn_worker.UvicornWorker", *recycling(150, 15)]
+    args = ["-c", "python:numareuse.gunicorn", "-k", "uvicorn_worker.UvicornWorker", *recycling(40, 4)]
     server = Server(tmp_path, "uvicorn", args + ["gunicorn_app:asgi"], env={"NUMAREUSE_DOMAINS": DOMAINS})
     try:
         server.wait_ready(2)
-        load = finish_load(start_load(server.port, 8, wrk_script))
+        (load,) = run_load([server.port], wrk_script, 6, 15, lambda: server.recycled(2) >= 12)
     finally:
         server.stop()
     print(f"\nUvicornWorker with numareuse: {load.summary()}")

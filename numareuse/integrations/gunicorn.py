@@ -90,8 +90,9 @@ class _Integration:
     """numareuse's state in the arbiter (and, copied by fork, in each worker)."""
 
     def __init__(self) -> None:
-        self.domains: str | None = None
-        self.mode: str | None = None
+        self.domains: str | None = None  # as configured (a reload re-runs the config: read at start only)
+        self.sockets: str | None = None
+        self.mode = "held"  # in use while active
         self.active = False
         self.topology: topology.Topology | None = None
         self.valid: list[int] = []
@@ -104,11 +105,11 @@ class _Integration:
     def configure(self, domains: str | None, sockets: str | None) -> None:
         if sockets is not None and sockets not in SOCKET_MODES:
             raise ValueError(f"numareuse: sockets must be one of {SOCKET_MODES}, not {sockets!r}")
-        self.domains, self.mode = domains, sockets
+        self.domains, self.sockets = domains, sockets
 
     def _settings(self) -> tuple[str, str]:
         spec = os.environ.get("NUMAREUSE_DOMAINS") or self.domains or "numa"
-        mode = os.environ.get("NUMAREUSE_SOCKETS") or self.mode or "held"
+        mode = os.environ.get("NUMAREUSE_SOCKETS") or self.sockets or "held"
         if mode not in SOCKET_MODES:
             raise NumaReuseError(f"NUMAREUSE_SOCKETS must be one of {SOCKET_MODES}, not {mode!r}")
         return spec, mode
@@ -249,6 +250,7 @@ class _Integration:
         """Pin the worker to its domain; serve its place's sockets (held) or register its own (own)."""
         if not self.active:
             return
+        self.stopped = self.waited = False
         if "uvicorn" in type(worker).__module__:
             _settle_uvicorn_shutdown()
         domain = getattr(worker, "_numareuse_domain", None)
@@ -294,7 +296,8 @@ class _Integration:
 
     def worker_exit(self, server, worker) -> None:
         """Own sockets: the worker stops (its sockets are still open); let handshakes in flight finish."""
-        if self.active and self.mode == "own":
+        # gunicorn also calls it in the arbiter, for a worker that vanished before it was reaped
+        if self.active and self.mode == "own" and os.getpid() == worker.pid:
             self._stop(worker, DRAIN_GRACE)
 
     def _stop(self, worker, grace: float) -> None:
