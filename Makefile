@@ -5,9 +5,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Debian packages: bcc and its Python binding, headers for bcc's compile,
-# nginx/haproxy/wrk/iproute2 for end-to-end tests, qemu/busybox for the VM runner.
+# nginx/haproxy/wrk/iproute2 for end-to-end tests, python3-yaml to lint packaging/daemonset.yaml,
+# qemu/busybox for the VM runner.
 APT_PKGS := python3-bpfcc libbpfcc bpfcc-tools linux-headers-amd64 bpftool \
-            nginx-light haproxy wrk iproute2 numactl procps
+            nginx-light haproxy wrk iproute2 numactl procps python3-yaml
 VM_PKGS := qemu-system-x86 linux-image-amd64 busybox-static cpio
 PYTEST_ARGS ?=
 

@@ -479,6 +479,7 @@ class Watcher:
         self.groups: dict[tuple, _Group] = {}
         self._stop = False
         self._reload = False
+        self.status = 0  # run()'s exit status
         self._events: socket.socket | None = None
         self._uevents: socket.socket | None = None
         self._epolls: dict[int, list[int]] = {}  # pid -> fd numbers of its epoll instances
@@ -571,8 +572,8 @@ class Watcher:
                     self._read_uevents()
             log.info("stopping: SIGTERM" if not self.config.detach_on_exit else "stopping: detaching every group")
             if self.config.detach_on_exit:
-                return self._detach_all()
-            return 0
+                return self._detach_all() or self.status
+            return self.status
         finally:
             signal.set_wakeup_fd(old_wakeup)
             for s, h in old.items():
@@ -727,6 +728,11 @@ class Watcher:
 
     def _check(self, g: _Group) -> None:
         now = time.monotonic()
+        if g.spec.pid is not None and not os.path.exists(f"/proc/{g.spec.pid}"):
+            # the namespace went with it: a restart (systemd, Kubernetes) names the new process
+            log.error(f"{g.spec}: process {g.spec.pid} exited; exiting so that a restart finds its successor")
+            self._stop, self.status = True, 1
+            return
         try:
             fp = self._fingerprint(g)
         except OSError as e:
@@ -736,6 +742,16 @@ class Watcher:
         if fp == g.baseline and not due:
             return
         g.retry_at = None
+        if log.isEnabledFor(logging.DEBUG):
+            parts = ("sockets", "processes", "online CPUs")
+            why = (
+                "first check"
+                if g.baseline is None
+                else "retry"
+                if fp == g.baseline
+                else ", ".join(p for p, a, b in zip(parts, fp, g.baseline) if a != b)
+            )
+            log.debug(f"{g.spec}: attach ({why})")
         self._reconcile(g, fp)
 
     # -- the reconcile --
