@@ -345,6 +345,7 @@ class _Group:
     retry_at: float | None = None
     failures: int = 0
     diag: socket.socket | None = None
+    no_diag: bool = False  # sock_diag failed: read /proc/net instead
 
 
 def _read(path: str) -> str:
@@ -378,6 +379,31 @@ def _netns_path(spec: GroupSpec) -> str | None:
     if spec.netns is not None:
         return spec.netns if "/" in spec.netns else f"/run/netns/{spec.netns}"
     return None
+
+
+def _proc_net_sockets(spec: GroupSpec) -> dict[int, int]:
+    """inode -> 0 of the group's sockets from /proc/net/{tcp,udp}[6] (or the pid's namespace's)."""
+    proto = "udp" if spec.udp else "tcp"
+    base = f"/proc/{spec.pid}/net" if spec.pid is not None else "/proc/net"
+    want = "07" if spec.udp else "0A"
+    suffix = f":{spec.port:04X}"
+    out = {}
+    with open(f"{base}/{proto}{'6' if spec.ipv6 else ''}") as f:
+        next(f)
+        for line in f:
+            if suffix not in line:
+                continue
+            fields = line.split()
+            if fields[1].endswith(suffix) and fields[3] == want:
+                if spec.address is None or _hex_addr(fields[1]) == spec.address:
+                    out[int(fields[9])] = 0
+    return out
+
+
+def _hex_addr(text: str) -> str:
+    addr = text.split(":")[0]
+    raw = b"".join(int(addr[i : i + 8], 16).to_bytes(4, sys.byteorder) for i in range(0, len(addr), 8))
+    return socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, raw)
 
 
 def _diag_in(path: str | None) -> socket.socket:
@@ -660,18 +686,28 @@ class Watcher:
     # -- the cheap check --
 
     def _sockets(self, g: _Group) -> dict[int, int]:
-        """inode -> cookie of the group's sockets now (sock_diag)."""
+        """inode -> cookie (0 when read from /proc) of the group's sockets now.
+
+        sock_diag when the kernel has it (its inet_diag/tcp_diag/udp_diag modules
+        may be missing or not loadable), else the /proc/net tables.
+        """
         spec = g.spec
-        if g.diag is None:
-            g.diag = _diag_in(_netns_path(spec))
         proto, state = (socket.IPPROTO_UDP, _sys.TCP_CLOSE) if spec.udp else (socket.IPPROTO_TCP, _sys.TCP_LISTEN)
-        try:
-            found = _sys.diag_list(g.diag, spec.family, proto, state)
-        except OSError:
-            g.diag.close()
-            g.diag = None
-            raise
-        return {ino: ck for addr, port, ino, ck in found if port == spec.port and spec.address in (None, addr)}
+        if not g.no_diag:
+            try:
+                if g.diag is None:
+                    g.diag = _diag_in(_netns_path(spec))
+                found = _sys.diag_list(g.diag, spec.family, proto, state)
+                return {ino: ck for addr, port, ino, ck in found if port == spec.port and spec.address in (None, addr)}
+            except OSError as e:
+                if g.diag is not None:
+                    g.diag.close()
+                    g.diag = None
+                if e.errno not in (errno.ENOENT, errno.EOPNOTSUPP, errno.EPROTONOSUPPORT, errno.EINVAL):
+                    raise  # the namespace is gone, or not ours to enter
+                log.debug(f"{spec}: sock_diag unavailable ({e.strerror}): reading /proc/net")
+                g.no_diag = True
+        return _proc_net_sockets(spec)
 
     def _polled(self, pid: int) -> set[int] | None:
         """Inodes this process's epoll instances watch (None: it is gone)."""
@@ -736,8 +772,9 @@ class Watcher:
         try:
             fp = self._fingerprint(g)
         except OSError as e:
-            # the namespace is gone or unreadable: attach says why, once
+            # the namespace is gone or unreadable: attach says why (once), and it is tried again
             fp = ("unreadable", e.errno)
+            g.retry_at = g.retry_at or now + min(MAX_BACKOFF, 0.2 * 2 ** min(g.failures, 8))
         due = g.retry_at is not None and now >= g.retry_at
         if fp == g.baseline and not due:
             return

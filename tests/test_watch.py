@@ -83,17 +83,18 @@ def listening_inodes(port: int) -> set[int]:
 class Nginx:
     """Debian's nginx with ``workers`` workers pinned 01 10 (01 10); reload() changes the count."""
 
-    def __init__(self, tmp_path, port=None, workers=2):
+    def __init__(self, tmp_path, port=None, workers=2, affinity=None):
         self.dir, self.port = tmp_path, port or free_port()
         self.conf = tmp_path / "nginx.conf"
         self.proc = None
-        self.start(workers)
+        self.start(workers, affinity)
 
-    def _write(self, workers):
-        self.conf.write_text(CONF.format(dir=self.dir, port=self.port, workers=workers, affinity=AFFINITY[workers]))
+    def _write(self, workers, affinity=None):
+        affinity = affinity or AFFINITY[workers]
+        self.conf.write_text(CONF.format(dir=self.dir, port=self.port, workers=workers, affinity=affinity))
 
-    def start(self, workers=2):
-        self._write(workers)
+    def start(self, workers=2, affinity=None):
+        self._write(workers, affinity)
         self.proc = subprocess.Popen([NGINX, "-c", str(self.conf), "-e", str(self.dir / "error.log")])
         self.workers = self._wait_workers(workers, old=set())
 
@@ -113,8 +114,8 @@ class Nginx:
 
         return wait_for(f"{n} nginx workers", ready)
 
-    def reload(self, workers):
-        self._write(workers)
+    def reload(self, workers, affinity=None):
+        self._write(workers, affinity)
         old = set(self.workers)
         self.proc.send_signal(signal.SIGHUP)
         self.workers = self._wait_workers(workers, old)
@@ -209,8 +210,8 @@ def registered(port) -> dict[int, dict]:
     return {}
 
 
-def steered(srv: Nginx):
-    """Every live socket registered, each in the domain (= CPU) of its one owner, and nothing else."""
+def steered(srv: Nginx, domain_of=lambda cpu: cpu):
+    """Every live socket registered, each in the domain of its one owner's CPU, and nothing else."""
 
     def ok():
         regs = registered(srv.port)
@@ -221,20 +222,20 @@ def steered(srv: Nginx):
             if len(r["owners"]) != 1 or r["owners"][0]["pid"] not in srv.workers:
                 return None
             pid = r["owners"][0]["pid"]
-            if r["domain"] != srv.workers[pid]:
+            if r["domain"] != domain_of(srv.workers[pid]):
                 return None
-            owners[pid] = r["domain"]
+            owners[pid] = srv.workers[pid]
         return regs if owners == srv.workers else None
 
     return ok
 
 
-def check_clients(srv: Nginx, n=40) -> None:
-    """n connections from each CPU: all served by that CPU's workers, and by every one of them."""
-    for cpu in (0, 1):
+def check_clients(srv: Nginx, n=40, cpus=(0, 1), serving=None) -> None:
+    """n connections from each CPU: all served by that CPU's workers (``serving(cpu)``), and by every one."""
+    for cpu in cpus:
         with pinned(cpu):
             got = {worker_pid(srv.port) for _ in range(n)}
-        assert got == srv.on(cpu), (cpu, got, srv.workers)
+        assert got == (serving or srv.on)(cpu), (cpu, got, srv.workers)
 
 
 def counters(port) -> dict[str, int]:
