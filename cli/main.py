@@ -437,8 +437,8 @@ def watch(
         raise w.ConfigError("give the groups either in --config or as --port/--group, not both")
     common = dict(domains=domains, capacity=capacity, netns=netns, pid=pid)
     if config_path:
-        if any(v not in (None, "numa") for v in common.values()):
-            raise w.ConfigError("--domains, --capacity, --netns and --pid go into the config file's [[group]]s")
+        if any(v not in (None, "numa") for v in common.values()) or address or udp or ipv6:
+            raise w.ConfigError("group options (--domains, --address, --udp, ...) go into the config file's [[group]]s")
         config = w.load_config(config_path)
     else:
         if not ports and not group_args:
@@ -451,15 +451,16 @@ def watch(
             raise w.ConfigError(f"group {dup} is given twice")
         config = w.Config(groups)
     if interval is not None:
-        config.interval = interval
+        config.overrides["interval"] = interval
     if detach_on_exit:
-        config.detach_on_exit = True
+        config.overrides["detach_on_exit"] = True
     if metrics:
         try:
             w.parse_hostport(metrics)
         except ValueError as e:
             raise w.ConfigError(f"--metrics: {e}") from None
-        config.metrics = metrics
+        config.overrides["metrics"] = metrics
+    config.apply_overrides()
     w.setup_logging(verbose)
     sys.exit(w.run(config))
 

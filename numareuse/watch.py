@@ -120,6 +120,12 @@ class Config:
     detach_on_exit: bool = False
     metrics: str | None = None
     path: str | None = None  # the file it was read from (SIGHUP re-reads it)
+    overrides: dict = field(default_factory=dict)  # command-line options that win over the file, also after SIGHUP
+
+    def apply_overrides(self) -> Config:
+        for k, v in self.overrides.items():
+            setattr(self, k, v)
+        return self
 
 
 TOP_KEYS = {"interval": (int, float), "detach_on_exit": bool, "metrics": str, "group": list}
@@ -545,6 +551,8 @@ class Watcher:
         except ConfigError as e:
             log.error(f"SIGHUP: {e}; keeping the previous configuration")
             return
+        new.overrides = self.config.overrides
+        new.apply_overrides()
         new.metrics = self.config.metrics  # the metrics server keeps its address until restarted
         log.info(f"SIGHUP: re-read {self.config.path} ({len(new.groups)} groups)")
         self.config = new

@@ -158,8 +158,8 @@ class Watcher:
             cmd = [script, *prefix, sys.executable, "-m", "numareuse.cli.main"]
         else:
             cmd = [sys.executable, script] if script else [sys.executable, "-m", "numareuse.cli.main"]
-        penv = dict(os.environ, **(extra_env or {}))
-        penv.pop("JOURNAL_STREAM", None)
+        penv = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}  # pytest under systemd
+        penv.update(extra_env or {})
         self.proc = subprocess.Popen(
             [*cmd, "watch", *map(str, args)], stderr=open(self.logfile, "w"), stdin=subprocess.DEVNULL, env=penv
         )
@@ -174,7 +174,10 @@ class Watcher:
             assert n >= count or self.proc.poll() is None, "exited:\n" + "\n".join(self.log)
             return n >= count
 
-        wait_for(f"log line {pattern!r} in:\n" + "\n".join(self.log), seen)
+        try:
+            wait_for(f"log line {pattern!r}", seen)
+        except pytest.fail.Exception as e:
+            pytest.fail(f"{e}; the log:\n" + "\n".join(self.log))
 
     def stop(self, sig=signal.SIGTERM) -> int:
         if self.proc.poll() is None:
@@ -648,6 +651,66 @@ def test_pid_group_in_an_unshared_network_namespace(env, watcher):  # noqa: F811
             assert set(ask(0, port)) == {0} and set(ask(1, port)) == {1}
         assert w.stop() == 0
         control.detach(port, pid=srv.pid)
+    finally:
+        srv.terminate()
+        srv.wait(10)
+
+
+def test_journald_lines_carry_a_priority_and_no_timestamp(env, watcher, tmp_path):  # noqa: F811
+    port = free_port()
+    w = watcher("--port", port, extra_env={"JOURNAL_STREAM": "8:12345"})
+    w.wait_log(rf"^<6>tcp4 \*:{port}: waiting: no listening TCP/IPv4 socket on port {port}$")
+    assert w.log[0] == f"<6>tcp4 *:{port}: watching (domains numa)", w.log
+    assert w.stop() == 0
+    assert w.log[-1] == "<6>stopping: SIGTERM"
+
+
+def test_metrics_hook_gets_the_watchers_health(monkeypatch):
+    import types
+
+    from numareuse import watch
+
+    got = []
+    fake = types.ModuleType("numareuse.metrics")
+    fake.serve_watch = lambda host, port, health: got.append((host, port, health))
+    monkeypatch.setitem(sys.modules, "numareuse.metrics", fake)
+    h = watch.Health()
+    watch.start_metrics("[::1]:9465", h)
+    assert got == [("::1", 9465, h)]
+    assert (h.reconciles, h.errors, h.changes, h.last_success, h.groups) == (0, 0, 0, None, {})
+    monkeypatch.setitem(sys.modules, "numareuse.metrics", types.ModuleType("numareuse.metrics"))
+    with pytest.raises(watch.ConfigError, match="has no serve_watch"):
+        watch.start_metrics("127.0.0.1:9465", h)
+
+
+def test_fingerprint_of_a_pid_group_reads_that_namespace(kernel, two_cpus):
+    """The cheap check of a ``pid`` group lists the sockets of that process's network namespace."""
+    from numareuse import watch
+
+    need(shutil.which("unshare") is not None, "unshare (util-linux) is not installed")
+    srv = subprocess.Popen(
+        ["unshare", "--net", "sh", "-c", f"exec {sys.executable} {HERE}/forkserver.py --workers 2 --cpus 0,1"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = srv.stdout.readline().split()
+        assert line and line[0] == "ready", line
+        port, workers = int(line[1]), [int(p) for p in line[2].split(",")]
+        with open(f"/proc/{srv.pid}/net/tcp") as f:
+            inodes = {int(ln.split()[9]) for ln in f.readlines()[1:] if ln.split()[1].endswith(f":{port:04X}")}
+        assert len(inodes) == 2
+        w = watch.Watcher(watch.Config([watch.GroupSpec(port=port, pid=srv.pid)]))
+        (g,) = w.groups.values()
+        g.pids, g.parents = set(workers), {srv.pid}
+        socks, procs, _online = w._fingerprint(g)
+        assert {ino for ino, _ in socks} == inodes  # sock_diag inside the namespace
+        assert [(pid, aff) for pid, aff, _ in procs] == [(workers[0], {0}), (workers[1], {1})]
+        assert all(len(polled) == 1 for _, _, polled in procs) and {i for *_, p in procs for i in p} == inodes
+        g.no_diag = True
+        assert {ino for ino, _ in w._fingerprint(g)[0]} == inodes  # /proc/PID/net, the fallback
+        assert port not in {p for _, p, _, _ in _sys.diag_list(_sys.diag_socket(), socket.AF_INET, 6, 10)}
+        g.diag.close() if g.diag else None
     finally:
         srv.terminate()
         srv.wait(10)
