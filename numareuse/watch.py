@@ -50,7 +50,7 @@ import tomllib
 import traceback
 from dataclasses import dataclass, field
 
-from . import _sys, control
+from . import _sys, control, discovery
 from ._layout import MAX_CAPACITY
 from .errors import NumaReuseError
 
@@ -387,46 +387,47 @@ def _netns_path(spec: GroupSpec) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _in_netns(path: str | None):
+    """This thread in the network namespace at ``path`` for the block (None: stay)."""
+    if path is None:
+        yield
+        return
+    target = os.open(path, os.O_RDONLY)
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        _sys.setns(target, _sys.CLONE_NEWNET)
+        try:
+            yield
+        finally:
+            _sys.setns(own, _sys.CLONE_NEWNET)
+    finally:
+        os.close(target)
+        os.close(own)
+
+
+def _diag_in(path: str | None) -> socket.socket:
+    """A sock_diag socket of the network namespace at ``path`` (a socket keeps its namespace)."""
+    with _in_netns(path):
+        return _sys.diag_socket()
+
+
 def _proc_net_sockets(spec: GroupSpec) -> dict[int, int]:
-    """inode -> 0 of the group's sockets from /proc/net/{tcp,udp}[6] (or the pid's namespace's)."""
-    proto = "udp" if spec.udp else "tcp"
-    base = f"/proc/{spec.pid}/net" if spec.pid is not None else "/proc/net"
-    want = "07" if spec.udp else "0A"
+    """inode -> 0 of the group's sockets from the /proc/net tables of its namespace."""
+    name = f"{'udp' if spec.udp else 'tcp'}{'6' if spec.ipv6 else ''}"
+    want = "07" if spec.udp else "0A"  # unconnected UDP / TCP_LISTEN
     suffix = f":{spec.port:04X}"
     out = {}
-    with open(f"{base}/{proto}{'6' if spec.ipv6 else ''}") as f:
+    with _in_netns(_netns_path(spec)), open(f"/proc/thread-self/net/{name}") as f:
         next(f)
         for line in f:
             if suffix not in line:
                 continue
             fields = line.split()
             if fields[1].endswith(suffix) and fields[3] == want:
-                if spec.address is None or _hex_addr(fields[1]) == spec.address:
+                if spec.address is None or discovery._hex_addr(fields[1])[0] == spec.address:
                     out[int(fields[9])] = 0
     return out
-
-
-def _hex_addr(text: str) -> str:
-    addr = text.split(":")[0]
-    raw = b"".join(int(addr[i : i + 8], 16).to_bytes(4, sys.byteorder) for i in range(0, len(addr), 8))
-    return socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, raw)
-
-
-def _diag_in(path: str | None) -> socket.socket:
-    """A sock_diag socket in the network namespace at ``path`` (None: ours)."""
-    if path is None:
-        return _sys.diag_socket()
-    target = os.open(path, os.O_RDONLY)
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    try:
-        _sys.setns(target, _sys.CLONE_NEWNET)
-        try:
-            return _sys.diag_socket()
-        finally:
-            _sys.setns(own, _sys.CLONE_NEWNET)
-    finally:
-        os.close(target)
-        os.close(own)
 
 
 def _in_child(fn, *args, timeout: float = CHILD_TIMEOUT) -> dict:
@@ -512,6 +513,7 @@ class Watcher:
         self._stop = False
         self._reload = False
         self.status = 0  # run()'s exit status
+        self._why = ""
         self._events: socket.socket | None = None
         self._uevents: socket.socket | None = None
         self._epolls: dict[int, list[int]] = {}  # pid -> fd numbers of its epoll instances
@@ -564,7 +566,7 @@ class Watcher:
         if signum == signal.SIGHUP:
             self._reload = True
         else:
-            self._stop = True
+            self._stop, self._why = True, signal.Signals(signum).name
 
     def run(self) -> int:
         wake_r, wake_w = socket.socketpair()
@@ -604,7 +606,8 @@ class Watcher:
                     self._read_events()
                 if self._uevents in ready:
                     self._read_uevents()
-            log.info("stopping: SIGTERM" if not self.config.detach_on_exit else "stopping: detaching every group")
+            how = "detaching every group" if self.config.detach_on_exit else "the steering stays"
+            log.info(f"stopping: {self._why}; {how}")
             if self.config.detach_on_exit:
                 return self._detach_all() or self.status
             return self.status
@@ -775,7 +778,7 @@ class Watcher:
         if g.spec.pid is not None and not os.path.exists(f"/proc/{g.spec.pid}"):
             # the namespace went with it: a restart (systemd, Kubernetes) names the new process
             log.error(f"{g.spec}: process {g.spec.pid} exited; exiting so that a restart finds its successor")
-            self._stop, self.status = True, 1
+            self._stop, self.status, self._why = True, 1, f"process {g.spec.pid} exited"
             return
         try:
             fp = self._fingerprint(g)

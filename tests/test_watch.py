@@ -434,7 +434,7 @@ def test_sigterm_leaves_the_steering(nginx, watcher):
     assert w.stop() == 0
     assert steered(srv)()  # pinned: still attached and registered with no watcher
     check_clients(srv)
-    assert "stopping: SIGTERM" in w.log[-1]
+    assert w.log[-1] == "stopping: SIGTERM; the steering stays", w.log
 
 
 def test_detach_on_exit_removes_the_steering(nginx, watcher):
@@ -662,7 +662,7 @@ def test_journald_lines_carry_a_priority_and_no_timestamp(env, watcher, tmp_path
     w.wait_log(rf"^<6>tcp4 \*:{port}: waiting: no listening TCP/IPv4 socket on port {port}$")
     assert w.log[0] == f"<6>tcp4 *:{port}: watching (domains numa)", w.log
     assert w.stop() == 0
-    assert w.log[-1] == "<6>stopping: SIGTERM"
+    assert w.log[-1] == "<6>stopping: SIGTERM; the steering stays"
 
 
 def test_metrics_hook_gets_the_watchers_health(monkeypatch):
