@@ -29,7 +29,9 @@ from test_nginx import NGINX, WRK, free_port, worker_pid
 from numareuse import _sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEADLINE = 15.0  # s to wait for a change to show; the watcher's speed is measured by bench/watch.py
+DEADLINE = (
+    30.0  # s to wait for a change to show (on a loaded machine); the watcher's speed is measured by bench/watch.py
+)
 
 CONF = """
 worker_processes {workers};
@@ -168,14 +170,14 @@ class Watcher:
     def log(self) -> list[str]:
         return self.logfile.read_text().splitlines()
 
-    def wait_log(self, pattern, count=1):
+    def wait_log(self, pattern, count=1, deadline=None):
         def seen():
             n = len([ln for ln in self.log if re.search(pattern, ln)])
             assert n >= count or self.proc.poll() is None, "exited:\n" + "\n".join(self.log)
             return n >= count
 
         try:
-            wait_for(f"log line {pattern!r}", seen)
+            wait_for(f"log line {pattern!r}", seen, deadline=deadline or DEADLINE)
         except pytest.fail.Exception as e:
             pytest.fail(f"{e}; the log:\n" + "\n".join(self.log))
 

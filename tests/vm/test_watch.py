@@ -106,8 +106,8 @@ def test_watch_follows_a_cpu_offline_and_online(nodes, vm_nginx, vm_watcher):
     os.sched_setaffinity(pid, {victim})  # as a reload or an operator would pin it again
     wait_for("the worker back in its node", steered(srv, dom.get), deadline=DEADLINE)
     check_clients(srv, cpus=every, serving=lambda cpu: {p for p, c in srv.workers.items() if dom[c] == dom[cpu]})
-    w.wait_log(rf"~ sk:{cookie} {dom[victim]} -> wildcard")
-    w.wait_log(rf"~ sk:{cookie} wildcard -> {dom[victim]}")
+    w.wait_log(rf"~ sk:{cookie} {dom[victim]} -> wildcard", deadline=DEADLINE)
+    w.wait_log(rf"~ sk:{cookie} wildcard -> {dom[victim]}", deadline=DEADLINE)
 
 
 def as_fresh_attach(srv, domain_of_cpu):
@@ -137,7 +137,7 @@ def test_watch_rebuilds_a_cpu_spec_selector_when_a_cpu_goes(nodes, vm_nginx, vm_
     (pid,) = srv.on(victim)
     with offline(victim):
         # the spec "cpu" now gives other domains: a new selector is built and swapped in
-        w.wait_log(rf"tcp4 \*:{srv.port}: replaced")
+        w.wait_log(rf"tcp4 \*:{srv.port}: replaced", deadline=DEADLINE)
         wait_for("registrations of a fresh attach", as_fresh_attach(srv, lambda c: c), deadline=DEADLINE)
         (g,) = [g for g in json.loads(cli("status", "--json").stdout) if g["group"]["port"] == srv.port]
         assert sorted(map(int, g["domains"])) == [c for c in every if c != victim]
@@ -145,7 +145,7 @@ def test_watch_rebuilds_a_cpu_spec_selector_when_a_cpu_goes(nodes, vm_nginx, vm_
         check_clients(srv, cpus=others)
     os.sched_setaffinity(pid, {victim})
     wait_for("every worker on its CPU's domain again", steered(srv), deadline=DEADLINE)
-    w.wait_log(rf"tcp4 \*:{srv.port}: replaced", count=2)
+    w.wait_log(rf"tcp4 \*:{srv.port}: replaced", count=2, deadline=DEADLINE)
     check_clients(srv, cpus=every)
 
 
@@ -163,7 +163,7 @@ def test_watch_waits_while_an_explicit_spec_names_an_offline_cpu(nodes, vm_nginx
         return {p for p, c in srv.workers.items() if dom[c] == dom[cpu]}
 
     with offline(victim):
-        w.wait_log(rf"waiting: domain spec '{spec}' names CPUs that are not online: \[{victim}\]")
+        w.wait_log(rf"waiting: domain spec '{spec}' names CPUs that are not online: \[{victim}\]", deadline=DEADLINE)
         # the attached selector stays as it was and steers on
         assert {c: r["domain"] for c, r in registered(srv.port).items()} == {c: r["domain"] for c, r in before.items()}
         check_clients(srv, cpus=[c for c in every if c != victim], serving=mates)
