@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 from numareuse import _sys
@@ -126,8 +127,15 @@ class Watch:
             if not line:
                 raise RuntimeError("the watcher exited")
             if text in line:
+                threading.Thread(target=self._drain, daemon=True).start()
                 return
         raise RuntimeError(f"no {text!r} from the watcher")
+
+    def _drain(self) -> None:
+        """Keep reading the log (a full pipe would stop the watcher); show what went wrong."""
+        for line in self.proc.stderr:
+            if "error" in line or "waiting" in line:
+                log(f"watcher: {line.rstrip()}")
 
     def cpu_seconds(self) -> float:
         """utime + stime + cutime + cstime of the watcher (its reaped attach children count)."""
