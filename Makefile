@@ -5,9 +5,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Debian packages: bcc and its Python binding, headers for bcc's compile,
-# nginx/haproxy/wrk/iproute2 for end-to-end tests, qemu/busybox for the VM runner.
+# nginx/haproxy/wrk/iproute2 for end-to-end tests, python3-yaml to lint packaging/daemonset.yaml,
+# qemu/busybox for the VM runner.
 APT_PKGS := python3-bpfcc libbpfcc bpfcc-tools linux-headers-amd64 bpftool \
-            nginx-light haproxy wrk iproute2 numactl procps
+            nginx-light haproxy wrk iproute2 numactl procps python3-yaml
 # Debian's kernel headers of its other architectures: tests check numareuse's syscall numbers against them.
 CROSS_PKGS := $(foreach a,arm64 armel armhf i386 mips64el mipsel ppc64el s390x,linux-libc-dev-$(a)-cross)
 VM_PKGS := qemu-system-x86 linux-image-amd64 busybox-static cpio

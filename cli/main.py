@@ -435,5 +435,110 @@ def _cpulist(cpus) -> str:
     return ",".join(out)
 
 
+@main.command(
+    epilog="""\b
+Examples:
+  numareuse watch --port 8080 --domains numa
+  numareuse watch -p 8080 -p 8443                  # two groups, same options
+  numareuse watch --group tcp4:8080 --group udp6:[::1]:53 --domains cpu
+  numareuse watch --config /etc/numareuse/watch.toml
+  numareuse watch -c watch.toml --metrics 127.0.0.1:9465
+  kill -HUP <pid>                                  # re-read the config file
+  kill -TERM <pid>                                 # stop; the steering stays"""
+)
+@click.option(
+    "--port", "-p", "ports", type=click.IntRange(1, 65535), multiple=True, help="A group's port (repeatable)."
+)
+@click.option(
+    "--group",
+    "-g",
+    "group_args",
+    multiple=True,
+    metavar="[tcp|udp][4|6]:[ADDR:]PORT",
+    help="A group, e.g. tcp4:8080, udp6:[::1]:53, tcp:10.0.0.1:80 (repeatable).",
+)
+@click.option("--address", "-a", metavar="ADDR", help="Bound address for every --port.")
+@click.option("--udp", is_flag=True, help="--port groups are UDP (default TCP).")
+@click.option("--ipv6", is_flag=True, help="--port groups are IPv6 (default IPv4).")
+@click.option(
+    "--domains",
+    "-d",
+    default="numa",
+    show_default=True,
+    metavar="numa|llc|cpu|SPEC",
+    help="How CPUs form domains, for every --port and --group.",
+)
+@click.option("--capacity", type=click.IntRange(1, MAX_CAPACITY), default=None, help="Sockets per domain.")
+@click.option("--netns", metavar="NAME|PATH", help="The groups live in this network namespace (ip netns name or path).")
+@click.option("--pid", type=click.IntRange(min=1), help="The groups live in this process's network namespace.")
+@click.option(
+    "--config", "-c", "config_path", type=click.Path(dir_okay=False), help="Read the groups from a TOML file."
+)
+@click.option(
+    "--interval",
+    type=click.FloatRange(0.01, 3600),
+    default=None,
+    help="Seconds between polls of what the kernel sends no event for [default: 0.5].",
+)
+@click.option(
+    "--detach-on-exit", is_flag=True, default=None, help="On SIGTERM, detach every group (default: leave it)."
+)
+@click.option("--metrics", metavar="HOST:PORT", help="Serve Prometheus metrics (numareuse.metrics) on this address.")
+@click.option("--verbose", "-v", is_flag=True, help="Also log debugging lines.")
+def watch(
+    ports, group_args, address, udp, ipv6, domains, capacity, netns, pid, config_path, interval, detach_on_exit,
+    metrics, verbose,
+):  # fmt: skip
+    """Keep groups steered as a fresh attach would, as servers change.
+
+    Attaches each group, then follows it: new sockets registered, closed
+    ones dropped, workers whose affinity changed moved, owners found again
+    after a reload or a worker restart, a restarted server's new sockets
+    adopted, CPU hotplug followed. Process events come from the kernel's
+    proc connector; what has no event (listen, bind, affinity) is polled
+    every --interval. Runs until SIGTERM, which leaves the steering in
+    place (pinned) unless --detach-on-exit. SIGHUP re-reads --config (a bad
+    new file is logged and the old one kept). A group whose server is gone,
+    or a port with no socket yet, is waited for. One log line per change.
+
+    The config file (TOML): optional top-level interval, detach_on_exit,
+    metrics; one [[group]] table per group with the keys port (required),
+    address, udp, ipv6, domains, capacity, netns, pid. See
+    examples/watch.toml.
+    """
+    from numareuse import watch as w
+
+    if config_path and (ports or group_args):
+        raise w.ConfigError("give the groups either in --config or as --port/--group, not both")
+    common = dict(domains=domains, capacity=capacity, netns=netns, pid=pid)
+    if config_path:
+        if any(v not in (None, "numa") for v in common.values()) or address or udp or ipv6:
+            raise w.ConfigError("group options (--domains, --address, --udp, ...) go into the config file's [[group]]s")
+        config = w.load_config(config_path)
+    else:
+        if not ports and not group_args:
+            raise w.ConfigError("nothing to watch: give --port, --group or --config")
+        groups = [w.make_group(f"--port {p}: ", port=p, address=address, udp=udp, ipv6=ipv6, **common) for p in ports]
+        groups += [w.parse_group_arg(a, **common) for a in group_args]
+        keys = [g.key for g in groups]
+        dup = next((g for g in groups if keys.count(g.key) > 1), None)
+        if dup:
+            raise w.ConfigError(f"group {dup} is given twice")
+        config = w.Config(groups)
+    if interval is not None:
+        config.overrides["interval"] = interval
+    if detach_on_exit:
+        config.overrides["detach_on_exit"] = True
+    if metrics:
+        try:
+            w.parse_hostport(metrics)
+        except ValueError as e:
+            raise w.ConfigError(f"--metrics: {e}") from None
+        config.overrides["metrics"] = metrics
+    config.apply_overrides()
+    w.setup_logging(verbose)
+    sys.exit(w.run(config))
+
+
 if __name__ == "__main__":
     main()

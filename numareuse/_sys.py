@@ -686,3 +686,129 @@ def unread_bytes(fd: int) -> int:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
     return n.value
+
+
+# -- numareuse watch: kernel event sources and a cheap socket listing ---------------
+#
+# The proc connector (NETLINK_CONNECTOR, CN_IDX_PROC; include/uapi/linux/cn_proc.h)
+# multicasts fork, exec and exit of every task; listening needs CAP_NET_ADMIN in the
+# initial user namespace, from the initial pid namespace.
+
+NETLINK_CONNECTOR = 11
+CN_IDX_PROC = 1
+CN_VAL_PROC = 1
+PROC_CN_MCAST_LISTEN = 1
+PROC_EVENT_FORK = 0x00000001
+PROC_EVENT_EXEC = 0x00000002
+PROC_EVENT_EXIT = 0x80000000
+_NLMSG_DONE = 3
+_NLMSG_ERROR = 2
+_NLMSG_HDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
+_CN_MSG = struct.Struct("=IIIIHH")  # idx, val, seq, ack, len, flags
+_PROC_EVENT_HDR = struct.Struct("=IIQ")  # what, cpu, timestamp_ns
+
+
+def proc_connector() -> socket.socket:
+    """A non-blocking netlink socket subscribed to the proc connector's events."""
+    s = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_CONNECTOR)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        s.bind((os.getpid(), CN_IDX_PROC))
+        op = struct.pack("=I", PROC_CN_MCAST_LISTEN)
+        cn = _CN_MSG.pack(CN_IDX_PROC, CN_VAL_PROC, 0, 0, len(op), 0) + op
+        s.send(_NLMSG_HDR.pack(_NLMSG_HDR.size + len(cn), _NLMSG_DONE, 0, 0, os.getpid()) + cn)
+        s.setblocking(False)
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+def proc_events(data: bytes):
+    """(what, pid, tgid, parent_tgid) per process event in one datagram of the proc connector.
+
+    parent_tgid is the forking process for FORK and the parent for EXIT, else 0;
+    for FORK, pid/tgid are the child's.
+    """
+    off = 0
+    while off + _NLMSG_HDR.size <= len(data):
+        length, mtype = _NLMSG_HDR.unpack_from(data, off)[:2]
+        if length < _NLMSG_HDR.size:
+            return
+        body = off + _NLMSG_HDR.size
+        if mtype == _NLMSG_DONE and body + _CN_MSG.size + _PROC_EVENT_HDR.size <= off + length:
+            idx, val = _CN_MSG.unpack_from(data, body)[:2]
+            ev = body + _CN_MSG.size
+            if (idx, val) == (CN_IDX_PROC, CN_VAL_PROC):
+                what = _PROC_EVENT_HDR.unpack_from(data, ev)[0]
+                p = ev + _PROC_EVENT_HDR.size
+                if what == PROC_EVENT_FORK:
+                    _ppid, ptgid, cpid, ctgid = struct.unpack_from("=iiii", data, p)
+                    yield what, cpid, ctgid, ptgid
+                elif what == PROC_EVENT_EXEC:
+                    pid, tgid = struct.unpack_from("=ii", data, p)
+                    yield what, pid, tgid, 0
+                elif what == PROC_EVENT_EXIT:
+                    pid, tgid, _code, _sig, _ppid, ptgid = struct.unpack_from("=iiIIii", data, p)
+                    yield what, pid, tgid, ptgid
+        off += (length + 3) & ~3
+
+
+# NETLINK_KOBJECT_UEVENT, group 1: the kernel's device events ("online@/devices/system/cpu/cpu3").
+NETLINK_KOBJECT_UEVENT = 15
+
+
+def uevent_socket() -> socket.socket:
+    s = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_KOBJECT_UEVENT)
+    try:
+        s.bind((0, 1))
+        s.setblocking(False)
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+# sock_diag (NETLINK_SOCK_DIAG, inet_diag_req_v2; include/uapi/linux/inet_diag.h): the
+# kernel lists only the sockets in the requested states, so finding a port's listeners
+# does not read the TIME_WAIT lines /proc/net/tcp has on a busy host.
+NETLINK_SOCK_DIAG = 4
+SOCK_DIAG_BY_FAMILY = 20
+_NLM_F_REQUEST = 0x1
+_NLM_F_DUMP = 0x300
+TCP_LISTEN = 10
+TCP_CLOSE = 7
+_DIAG_REQ = struct.Struct("=BBBBI48s")
+_DIAG_MSG = struct.Struct("=BBBB2s2s16s16sIII4xIIII")  # family..retrans, sockid, expires, rq, wq, uid, inode
+
+
+def diag_socket() -> socket.socket:
+    """A sock_diag socket of the calling thread's network namespace."""
+    return socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG)
+
+
+def diag_list(s: socket.socket, family: int, protocol: int, state: int) -> list[tuple[str, int, int, int]]:
+    """(bound address, port, inode, cookie) of every socket of ``family``/``protocol`` in ``state``."""
+    req = _DIAG_REQ.pack(family, protocol, 0, 0, 1 << state, b"")
+    s.send(_NLMSG_HDR.pack(_NLMSG_HDR.size + len(req), SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST | _NLM_F_DUMP, 1, 0) + req)
+    out = []
+    alen = 4 if family == socket.AF_INET else 16
+    while True:
+        data = s.recv(1 << 16)
+        off = 0
+        while off + _NLMSG_HDR.size <= len(data):
+            length, mtype = _NLMSG_HDR.unpack_from(data, off)[:2]
+            if length < _NLMSG_HDR.size:
+                return out
+            if mtype == _NLMSG_DONE:
+                return out
+            if mtype == _NLMSG_ERROR:
+                err = -struct.unpack_from("=i", data, off + _NLMSG_HDR.size)[0]
+                raise OSError(err, os.strerror(err))
+            if mtype == SOCK_DIAG_BY_FAMILY:
+                m = _DIAG_MSG.unpack_from(data, off + _NLMSG_HDR.size)
+                sport, src = m[4], m[6]
+                cookie = m[9] | m[10] << 32  # idiag_cookie[2], low word first
+                inode = m[-1]
+                out.append((socket.inet_ntop(family, src[:alen]), int.from_bytes(sport, "big"), inode, cookie))
+            off += (length + 3) & ~3
