@@ -133,6 +133,14 @@ def measure_selector(cpus, plan, res, rels: dict[str, Release], workdir: Path) -
             f"program {o['xlated_insns']} insns, {o['verified_insns']} verified"
         )
     res["selector"] = out
+    try:
+        res["selector_breakdown"] = b = selector_breakdown(cpus)
+        log(
+            f"cached Selector() of this release: maps {b['maps_s']:.3f} s, cache read {b['cached_program_s']:.3f} s, "
+            f"BPF_PROG_LOAD (the verifier) {b['prog_load_s']:.3f} s"
+        )
+    except Exception as e:  # noqa: BLE001 - a diagnostic only
+        log(f"Selector() breakdown failed: {e!r}")
 
 
 # -- the CLI against a 16-worker pre-fork server ---------------------------------
@@ -300,6 +308,37 @@ def register_syscalls(cpus, fill: int = 256, reps: int = 20) -> dict:
     finally:
         wl.close_all(socks)
     return out
+
+
+def selector_breakdown(cpus, reps: int = 5) -> dict[str, float]:
+    """Where a cached Selector() of this release spends its time (seconds, medians): maps, cache, verifier."""
+    from numareuse import _layout, _loader, _maps, _sys, topology
+
+    topo = topology.parse(spec_of(cpus))
+    layout = _layout.Layout(topo.ndomains, _layout.DEFAULT_CAPACITY, _sys.possible_cpus())
+    migrate = _loader.migration_supported()
+    _loader.compiled(layout, migrate)  # fill the cache first
+    attach = _sys.BPF_SK_REUSEPORT_SELECT_OR_MIGRATE if migrate else _sys.BPF_SK_REUSEPORT_SELECT
+    parts: dict[str, list[float]] = {"maps_s": [], "cached_program_s": [], "prog_load_s": []}
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fds = _maps.create(layout)
+        try:
+            t1 = time.perf_counter()
+            insns = _loader.compiled(layout, migrate)
+            t2 = time.perf_counter()
+            fd, _err = _sys.prog_load(
+                _sys.BPF_PROG_TYPE_SK_REUSEPORT, _loader.patch(insns, fds), _layout.PROG_NAME, attach
+            )
+            t3 = time.perf_counter()
+            if fd >= 0:
+                os.close(fd)
+        finally:
+            _maps.close_fds(fds)
+        parts["maps_s"].append(t1 - t0)
+        parts["cached_program_s"].append(t2 - t1)
+        parts["prog_load_s"].append(t3 - t2)
+    return {k: statistics.median(v) for k, v in parts.items()}
 
 
 def batch_lookup_us(sizes=(256, 1024, 4096), reps: int = 20) -> dict[str, float]:

@@ -168,9 +168,11 @@ def rows_steering(res) -> None:
                 continue
             rr = cr[f"round_ratios_vs_{b}"]
             ratio = cr[f"ratio_vs_{b}"]
+            slow = {a: sum(v) for a, v in cr.get("slow_connections", {}).items() if a in (b, "numareuse") and sum(v)}
+            note = f" (connections > 0.2 s: {', '.join(f'{a} {n}' for a, n in slow.items())})" if slow else ""
             row(
                 s,
-                f"connections/s, {label}, vs {bl}",
+                f"connections/s, {label}, vs {bl}{note}",
                 _k(cr[f"{b}_per_s"]),
                 _k(cr["numareuse_per_s"]),
                 f"{ratio:.3f} (rounds {min(rr):.2f}..{max(rr):.2f})",
@@ -273,6 +275,26 @@ def rows_controller(res) -> None:
                     tgt,
                     met,
                 )
+    rd = res.get("register_diagnostic")
+    if rd:
+        for op, v in rd["bpf_calls"].items():
+            calls = v["bpf_calls"]
+            batch = calls.get("lookup_batch", {"calls": 0, "elements": 0, "us": 0})
+            row(
+                s,
+                f"diagnostic: this release's {op} {'into' if op == 'register' else 'from'} a region of {v['fill']} "
+                "(capacity 1024): bpf() calls, of which batch lookups (elements read)",
+                "—",
+                f"{sum(c['calls'] for c in calls.values()):.0f} calls, {batch['calls']:.0f} batch lookups "
+                f"({batch['elements']:.0f} elements) = {batch['us']:.0f} of {v['median_us']:.0f} µs",
+            )
+        lb = rd["lookup_batch_us"]
+        row(
+            s,
+            "diagnostic: one BPF_MAP_LOOKUP_BATCH of " + " / ".join(lb) + " u32 array entries, µs",
+            "—",
+            _j(lb.values(), _us),
+        )
     at = res.get("attach_library")
     if at and "after" in at:
         sizes = list(at["after"])
@@ -312,6 +334,14 @@ def rows_controller(res) -> None:
             if before
             else "—",
         )
+        bd = res.get("selector_breakdown")
+        if bd:
+            row(
+                s,
+                "diagnostic: cached Selector() of this release: maps / cache read / BPF_PROG_LOAD (verifier) s",
+                "—",
+                f"{bd['maps_s']:.3f} / {bd['cached_program_s']:.3f} / {bd['prog_load_s']:.3f}",
+            )
         mib = 1024
         row(
             s,
@@ -364,7 +394,7 @@ def rows_recycling(res) -> None:
             f"errors per 100k requests, {conf['workers']} workers each exiting after {conf['max_requests']}{jit} "
             f"requests, wrk {rc['wrk']} — vs kernel hash / + tcp_migrate_req=1",
             f"{per(kh):.1f} / {per(km):.1f}",
-            f"{per(nr):.1f}",
+            f"{per(nr):.1f}" + (f" ({nr['timeout']} wrk timeouts)" if nr["timeout"] else ""),
             " / ".join(f"{per(nr) / per(c):.2f}" if per(c) else "—" for c in (kh, km)),
             "0",
             nr["errors"] == 0,

@@ -158,20 +158,22 @@ def measure_conn_rate(cpus, plan, res, nsocks: int, arms=RATE_ARMS, key: str = "
             rates: dict[str, list[float]] = {a: [] for a in arms}
             ratios: dict[str, list[float]] = {b: [] for b in bases}
             errors = 0
+            slow: dict[str, list[int]] = {a: [] for a in arms}
             before = sel.stats()
             for r in range(plan.rate_rounds):
                 k = r % len(arms)
                 got = {}
                 for arm in arms[k:] + arms[:k]:
                     steer(arm)
-                    got[arm], err = wl.connection_rate(cpus, port, plan.rate_seconds)
+                    got[arm], err, n_slow = wl.connection_rate(cpus, port, plan.rate_seconds)
                     errors += err
                     rates[arm].append(got[arm])
+                    slow[arm].append(n_slow)
                 for b in bases:
                     ratios[b].append(got["numareuse"] / got[b])
                 log(
                     f"{key} ({nsocks} sockets) round {r + 1}/{plan.rate_rounds}: "
-                    + ", ".join(f"{a} {got[a]:.0f}/s" for a in arms)
+                    + ", ".join(f"{a} {got[a]:.0f}/s" + (f" ({slow[a][-1]} slow)" if slow[a][-1] else "") for a in arms)
                     + "; numareuse/"
                     + ", ".join(f"{b} {ratios[b][-1]:.3f}" for b in bases)
                 )
@@ -187,6 +189,7 @@ def measure_conn_rate(cpus, plan, res, nsocks: int, arms=RATE_ARMS, key: str = "
         "rounds": plan.rate_rounds,
         "seconds_per_arm": plan.rate_seconds,
         "client_errors": errors,
+        "slow_connections": slow,
         "accepted": accepted,
         "numareuse_selections": {k: after[k] - before[k] for k in ("local", "wildcard", "remote", "fallback")},
     }
