@@ -277,17 +277,21 @@ def rows_controller(res) -> None:
                 )
     rd = res.get("register_diagnostic")
     if rd:
-        for op, v in rd["bpf_calls"].items():
-            calls = v["bpf_calls"]
-            batch = calls.get("lookup_batch", {"calls": 0, "elements": 0, "us": 0})
-            row(
-                s,
-                f"diagnostic: this release's {op} {'into' if op == 'register' else 'from'} a region of {v['fill']} "
-                "(capacity 1024): bpf() calls, of which batch lookups (elements read)",
-                "—",
-                f"{sum(c['calls'] for c in calls.values()):.0f} calls, {batch['calls']:.0f} batch lookups "
-                f"({batch['elements']:.0f} elements) = {batch['us']:.0f} of {v['median_us']:.0f} µs",
-            )
+        for fill, ops in rd["bpf_calls"].items():
+            for op, v in ops.items():
+                calls = v["bpf_calls"]
+                batch = calls.get("lookup_batch", {"calls": 0, "elements": 0})
+                where = "into" if op == "register" else "from"
+                held = int(fill) + (op == "unregister")
+                row(
+                    s,
+                    f"diagnostic: this release's {op} {where} a region holding {held} (capacity 1024): bpf() "
+                    "syscalls and their time",
+                    "—",
+                    f"{sum(c['calls'] for c in calls.values()):.0f} calls ({batch['calls']:.0f} batch lookups of "
+                    f"{batch['elements']:.0f} elements) take {sum(c['us'] for c in calls.values()):.0f} of "
+                    f"{v['median_us']:.0f} µs",
+                )
         lb = rd["lookup_batch_us"]
         row(
             s,
