@@ -63,7 +63,7 @@ vm-test: setup
 # run: locality, connection rate, per-selection cost and its scaling, and, against
 # the previous release (layout 1, from git history), register/attach/Selector()
 # time and memory; pre-fork recycling errors (in a network namespace of its own),
-# the domain-change window, `numareuse watch`. About 7 min; writes
+# the domain-change window, `numareuse watch`. About 6 min; writes
 # bench/results.json, prints a markdown table. BENCH_ARGS=--quick: a 1.5-min smoke
 # run; BENCH_ARGS="--only select_ns,controller": some phases. CLI state goes to a
 # private bpffs; kernel.bpf_stats_enabled is restored.
