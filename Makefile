@@ -60,11 +60,15 @@ vm-test: setup
 	$(call apt_install,$(VM_PKGS))
 	vm/run.sh $(VENV)/bin/pytest tests/vm $(PYTEST_ARGS)
 
-# Benchmarks (issue 5): numareuse against baselines measured in the same run
-# (locality, connection rate, per-selection cost, register/attach time, memory).
-# Writes bench/results.json, prints a markdown table; BENCH_ARGS=--quick for a smoke run.
+# Benchmarks (issues 5, 12, 13): numareuse against baselines measured in the same
+# run: locality, connection rate, per-selection cost and its scaling, and, against
+# the previous release (layout 1, from git history), register/attach/Selector()
+# time and memory; pre-fork recycling errors (in a network namespace of its own),
+# the domain-change window, `numareuse watch`. About 6 min; writes
+# bench/results.json, prints a markdown table. BENCH_ARGS=--quick: a 1.5-min smoke
+# run; BENCH_ARGS="--only select_ns,controller": some phases. CLI state goes to a
+# private bpffs; kernel.bpf_stats_enabled is restored.
 bench: setup
-	@mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
 	$(PY) -m bench.run $(BENCH_ARGS)
 
 # Demo (issue 5): the bundled pre-fork server on loopback, one worker per CPU,

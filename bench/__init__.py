@@ -3,6 +3,15 @@
 import json
 import os
 import subprocess
+import sys
+import time
+
+T0 = time.monotonic()
+
+
+def log(msg: str) -> None:
+    """A progress line on stderr, with the seconds since the bench started."""
+    print(f"[bench {time.monotonic() - T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
 def git_commit() -> str | None:

@@ -94,6 +94,41 @@ class NodeMinimal:
         self.prog_fd = self.map_fd = -1
 
 
+class Spread:
+    """spread_select from spread.bpf.c over ``n`` sockets ``stride`` slots apart. Close with :meth:`close`."""
+
+    def __init__(self, n: int, stride: int = 1):
+        self.n, self.stride = n, stride
+        self.map_fd = _sys.map_create(_sys.BPF_MAP_TYPE_REUSEPORT_SOCKARRAY, 4, 8, n * stride, "bench_spread")
+        self.prog_fd = -1
+        try:
+            ensure_kernel_source()
+            from bcc import BPF
+
+            src = Path(__file__).with_name("spread.bpf.c").read_text()
+            b = BPF(
+                text=src.encode(), cflags=[f"-DSOCKARRAY_FD={self.map_fd}", f"-DSPREAD_N={n}", f"-DSTRIDE={stride}"]
+            )
+            try:
+                self.prog_fd = os.dup(b.load_func(b"spread_select", _sys.BPF_PROG_TYPE_SK_REUSEPORT).fd)
+            finally:
+                b.cleanup()
+        except BaseException:
+            self.close()
+            raise
+
+    def fill(self, socks) -> None:
+        for i, s in enumerate(socks):
+            _sys.map_update(self.map_fd, i * self.stride, struct.pack("=Q", s.fileno()))
+
+    def close(self) -> None:
+        for fd in (self.prog_fd, self.map_fd):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.prog_fd = self.map_fd = -1
+
+
 @contextlib.contextmanager
 def bpf_stats():
     """kernel.bpf_stats_enabled=1 for the block, then the old value again (even on error or SIGTERM)."""

@@ -177,21 +177,30 @@ def one_connection(port: int) -> bool:
     return True
 
 
+SLOW_S = 0.2  # a connection this slow waited for a SYN retransmission (1 s) or a descheduled worker
+
+
 def _client(cpu: int, port: int, start, seconds: float, max_conns: int, out) -> None:
     """Closed loop pinned to ``cpu``: connect, wait for the server's accept (its RST), close."""
     os.sched_setaffinity(0, {cpu})
     start.wait(30)
-    n, errors = 0, 0
+    n, errors, slow = 0, 0, 0
     t0 = time.perf_counter()
     deadline = t0 + seconds
-    while n < max_conns and time.perf_counter() < deadline:
+    now = t0
+    while n < max_conns and now < deadline:
         errors += not one_connection(port)
         n += 1
-    out.send((n - errors, time.perf_counter() - t0, errors))
+        t, now = now, time.perf_counter()
+        slow += now - t > SLOW_S
+    out.send((n - errors, time.perf_counter() - t0, errors, slow))
 
 
-def connection_rate(cpus, port: int, seconds: float, max_conns: int = 1_000_000) -> tuple[float, int]:
-    """Connections per second of one closed-loop client per CPU, all started together; (rate, errors)."""
+def connection_rate(cpus, port: int, seconds: float, max_conns: int = 1_000_000) -> tuple[float, int, int]:
+    """Connections per second of one closed-loop client per CPU, all started together; (rate, errors, slow).
+
+    ``slow``: connections that took more than SLOW_S seconds (they explain an outlier round).
+    """
     start = _MP.Event()
     procs = []
     for cpu in cpus:
@@ -201,16 +210,17 @@ def connection_rate(cpus, port: int, seconds: float, max_conns: int = 1_000_000)
         child.close()
         procs.append((p, parent))
     start.set()
-    rate, errors = 0.0, 0
+    rate, errors, slow = 0.0, 0, 0
     for p, conn in procs:
         if conn.poll(seconds + 30):
-            ok, elapsed, err = conn.recv()
+            ok, elapsed, err, n_slow = conn.recv()
             rate += ok / elapsed
             errors += err
+            slow += n_slow
         else:
             errors += 1
         p.join(10)
         if p.is_alive():
             p.kill()
             p.join()
-    return rate, errors
+    return rate, errors, slow
