@@ -550,6 +550,8 @@ def kill_summary(rows: list[dict]) -> dict:
         runs = [r for r in rows if r["kills"] and r["arm"] == arm]
         out[arm] = {
             "failed": [r["failed"] for r in runs],
+            # the kernel's count of the connections a kill reset (closed with unread data, or aborted)
+            "reset": [r["nstat"].get("TcpEstabResets", 0) for r in runs],
             "OutRsts": [r["TcpOutRsts"] for r in runs],
             "ListenDrops": [r["TcpExtListenDrops"] for r in runs],
             "requests": [r["requests"] for r in runs],
