@@ -65,6 +65,7 @@ SHOWN = (
     "TcpExtTCPMigrateReqFailure",
 )
 MUST_BE_ZERO = ("TcpExtListenDrops", "TcpExtListenOverflows", "TcpExtTCPMigrateReqFailure")
+WATCHED = (*SHOWN, "TcpEstabResets", "TcpExtPAWSTimewait", "TcpExtTCPAbortOnData", "TcpExtTCPAbortOnClose")
 RST_COMPANIONS = ("TcpExtPAWSTimewait", "TcpExtTCPAbortOnData", "TcpExtTCPAbortOnClose", "TcpExtEmbryonicRsts")
 GAUGES = ("TcpCurrEstab", "TcpMaxConn", "TcpRtoAlgorithm", "TcpRtoMin", "TcpRtoMax")
 
@@ -473,11 +474,16 @@ def run_phase(ph: Phase, url: str, workdir: Path, index: int, nginx: Nginx, plan
         at = LEAD + (span * i / (n - 1) if n > 1 else span / 2)
         time.sleep(max(0.0, t0 + at - time.monotonic()))
         ts = round(time.monotonic() - t0, 2)
+        c0 = counters()
         try:
-            done.append({"t": ts, "action": label, "result": fn() or ""})
+            entry = {"t": ts, "action": label, "result": fn() or ""}
         except (ActionError, subprocess.TimeoutExpired) as e:
             errors.append(f"{label} at {ts} s: {e}")
-            done.append({"t": ts, "action": label, "error": str(e)})
+            entry = {"t": ts, "action": label, "error": str(e)}
+        # which action a counter moved during (the load's own background is in it too)
+        entry["counters"] = {k: v for k, v in delta(c0, counters()).items() if v and k in WATCHED}
+        entry["s"] = round(time.monotonic() - t0 - ts, 2)
+        done.append(entry)
         if not wrk.alive():
             errors.append("wrk exited before the phase ended")
             break
@@ -633,11 +639,15 @@ def plan_phases(plan: Plan, nginx: Nginx, nr: Numareuse, watcher, check: StateCh
 
     def reload_then_attach(k):
         def f():
+            c0 = counters()
             r = nginx.reload(k)
+            c1 = counters()
             rep = nr.attach("-d", "cpu")
+            c2 = counters()
             if len(rep["sockets"]) != k:
                 raise ActionError(f"attach after a reload to {k} workers found {len(rep['sockets'])} sockets")
-            return f"{r}; attach: {rep['action']}"
+            rsts = f"OutRsts +{c1['TcpOutRsts'] - c0['TcpOutRsts']} / +{c2['TcpOutRsts'] - c1['TcpOutRsts']}"
+            return f"{r}; attach: {rep['action']} ({rsts})"
 
         return f
 
@@ -827,7 +837,13 @@ def markdown(res: dict) -> str:
         )
     for i, r in enumerate(notes, 1):
         companions = ", ".join(f"{k} {v}" for k, v in r["rst_companions"].items()) or "no other counter"
-        out.append(f"\n[{i}] {r['TcpOutRsts']} RST(s) and no failed request in {r['phase']}: {companions}")
+        during = [
+            f"{a['action']} (t={a['t']} s) {a['counters']['TcpOutRsts']}"
+            for a in r["log"]
+            if a.get("counters", {}).get("TcpOutRsts")
+        ]
+        where = "; during " + ", ".join(during) if during else "; none during an action"
+        out.append(f"\n[{i}] {r['TcpOutRsts']} RST(s) and no failed request in {r['phase']}: {companions}{where}")
     ks = res["kill_summary"]
     if "mean_kernel" in ks:
         out.append("")
