@@ -332,7 +332,9 @@ class Nginx:
         if not victims:
             raise ActionError(f"no worker on CPU {cpu}")
         pid = victims[0].pid
-        held = socket_fds(pid)  # read just before the kill (tens of microseconds): what it resets
+        # stopped first, so that what it holds is read exactly: it accepts nothing more before the kill
+        os.kill(pid, signal.SIGSTOP)
+        held = socket_fds(pid)
         os.kill(pid, signal.SIGKILL)
         held -= self.idle_fds
         self.held.append(held)
@@ -566,7 +568,7 @@ def kill_summary(rows: list[dict]) -> dict:
     """numareuse's kill runs against the kernel's, with the run-to-run spread of the kernel's.
 
     A kill resets the connections the killed worker had accepted (read from its fds
-    just before the kill: ``held``); how many of wrk's 16 that is depends on how the
+    between a SIGSTOP and the SIGKILL: ``held``); how many of wrk's 16 that is depends on how the
     load runs, not on who chose the socket: a local worker (numareuse) takes a
     connection in as soon as it runs, while under the kernel's hash more of them wait
     in accept queues, which survive the kill (the master holds the sockets). So the
