@@ -60,4 +60,7 @@ def test_short_soak_loses_no_request(kernel, two_cpus, tmp_path, capsys):
     assert {p["arm"] for p in kills} == {"numareuse", "kernel"}
     for p in kills:
         assert p["actions"] == plan["kills"] and p["action_errors"] == [], (p["arm"], p["action_errors"])
+        # a kill resets the connections the killed worker held (read between SIGSTOP and SIGKILL), and nothing more
+        assert p["failed"] <= sum(p["held_at_kill"]), (p["arm"], p["failed"], p["held_at_kill"])
+        assert p["TcpExtListenDrops"] == 0 and p["stranded"] == 0, p
     assert r.returncode == 0, log
