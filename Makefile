@@ -14,7 +14,7 @@ CROSS_PKGS := $(foreach a,arm64 armel armhf i386 mips64el mipsel ppc64el s390x,l
 VM_PKGS := qemu-system-x86 linux-image-amd64 busybox-static cpio
 PYTEST_ARGS ?=
 
-.PHONY: setup apt venv test lint demo bench vm-test vm-bench vm-topology-test clean
+.PHONY: setup apt venv test lint demo bench soak vm-test vm-bench vm-topology-test clean
 
 # Install the Debian packages of $(1) that are missing (apt-get update only then);
 # apt's output goes to .build/apt.log and its tail is shown when it fails.
@@ -70,6 +70,17 @@ vm-test: setup
 # private bpffs; kernel.bpf_stats_enabled is restored.
 bench: setup
 	$(PY) -m bench.run $(BENCH_ARGS)
+
+# Soak (issue 14): Debian's nginx (reuseport, workers pinned) under wrk -t2 -c16
+# 'Connection: close' in a network namespace of its own, through phases of
+# numareuse attach/detach cycles, domain-spec swaps, nginx reloads, worker kill -9
+# (with and without numareuse) and watcher restarts (where `numareuse watch` exists).
+# Every phase without kills must lose no request. Prints a markdown table, writes
+# bench/soak-results.json (not committed); 60 s of load, about 1.5 min in all.
+# SOAK_ARGS="--duration 120 --cycles 40" to change durations and counts (--help);
+# tests/test_soak.py runs the short form (--short) inside `make test`.
+soak: setup
+	$(PY) -m bench.soak $(SOAK_ARGS)
 
 # Demo (issue 5): the bundled pre-fork server on loopback, one worker per CPU,
 # under client load pinned per CPU: first the kernel's default balancing, then
