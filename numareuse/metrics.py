@@ -231,3 +231,9 @@ def serve(host: str, port: int, collector: Collector):
         code = e.errno if isinstance(e.errno, int) and e.errno > 0 else errno.EADDRNOTAVAIL
         raise NumaReuseError(f"cannot serve metrics on {where}: {cause}", errno=code) from None
     return server
+
+
+def serve_watch(host: str, port: int, health):
+    """Serve the groups' series and ``health`` (numareuse.watch.Health: reconciles, errors, last_success)
+    on HOST:PORT in a daemon thread, for ``numareuse watch --metrics``."""
+    return serve(host, port, Collector(reconcile=health))

@@ -189,3 +189,24 @@ def test_unreadable_group_is_a_zero_not_a_failed_scrape(attached, env):  # noqa:
         os.close(meta)
     assert got["numareuse_group_readable"] == [({"group": f"tcp4 127.0.0.1:{attached[0].port}"}, 0.0)]
     assert set(got) == {"numareuse_group_readable"}  # nothing misread from it
+
+
+def test_watch_health_is_served(kernel):
+    """`watch --metrics` serves the watcher's Health through the same collector."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from numareuse import watch
+
+    health = watch.Health(reconciles=3, errors=1, last_success=1234.5)
+    srv = metrics.serve_watch("127.0.0.1", 0, health)
+    try:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{srv.server_port}/metrics", timeout=10).read().decode()
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    got = {s.name: s.value for f in text_string_to_metric_families(body) for s in f.samples}
+    assert got["numareuse_watch_reconciles_total"] == 3
+    assert got["numareuse_watch_reconcile_errors_total"] == 1
+    assert got["numareuse_watch_last_success_timestamp_seconds"] == 1234.5
