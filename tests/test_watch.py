@@ -670,17 +670,21 @@ def test_journald_lines_carry_a_priority_and_no_timestamp(env, watcher, tmp_path
 def test_metrics_hook_gets_the_watchers_health(monkeypatch):
     import types
 
+    import numareuse
     from numareuse import watch
 
     got = []
     fake = types.ModuleType("numareuse.metrics")
     fake.serve_watch = lambda host, port, health: got.append((host, port, health))
     monkeypatch.setitem(sys.modules, "numareuse.metrics", fake)
+    monkeypatch.setattr(numareuse, "metrics", fake, raising=False)  # `from . import` reads the package first
     h = watch.Health()
     watch.start_metrics("[::1]:9465", h)
     assert got == [("::1", 9465, h)]
     assert (h.reconciles, h.errors, h.changes, h.last_success, h.groups) == (0, 0, 0, None, {})
-    monkeypatch.setitem(sys.modules, "numareuse.metrics", types.ModuleType("numareuse.metrics"))
+    bare = types.ModuleType("numareuse.metrics")
+    monkeypatch.setitem(sys.modules, "numareuse.metrics", bare)
+    monkeypatch.setattr(numareuse, "metrics", bare)
     with pytest.raises(watch.ConfigError, match="has no serve_watch"):
         watch.start_metrics("127.0.0.1:9465", h)
 
