@@ -31,7 +31,7 @@ LAST_LAYOUT_1 = "51af523"  # the last commit whose numareuse pinned layout versi
 @pytest.fixture
 def old_release(tmp_path):
     """The layout-1 numareuse as an importable tree (its package maps bpf/ and cli/ into numareuse/)."""
-    if shutil.which("git") is None or not os.path.isdir(os.path.join(REPO, ".git")):
+    if shutil.which("git") is None or not os.path.exists(os.path.join(REPO, ".git")):
         pytest.skip("needs this repository's git history (the previous release)")
     tree = tmp_path / "old"
     tree.mkdir()
