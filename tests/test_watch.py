@@ -9,7 +9,6 @@ CPU (domains ``cpu``: one virtual domain per CPU).
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import os
 import re
@@ -622,8 +621,6 @@ def in_netns(pid: int):
 def test_pid_group_in_an_unshared_network_namespace(env, watcher):  # noqa: F811
     from numareuse import control
 
-    if "pid" not in inspect.signature(control.attach).parameters:
-        pytest.skip("numareuse.control.attach takes no pid= yet (the netns branch adds it): watch --pid needs it")
     need(shutil.which("unshare") is not None, "unshare (util-linux) is not installed")
     srv = subprocess.Popen(
         [
