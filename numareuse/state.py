@@ -235,6 +235,8 @@ def host_root(create: bool = False) -> str:
     if pid is None:
         return ""
     root = os.path.abspath(bpffs_root())
+    if os.environ.get("NUMAREUSE_BPFFS") and _is_bpffs(root):
+        return ""  # a bpffs the caller mounted in its own namespace and named: its explicit choice
     prefix = f"/proc/{pid}/root"
     with contextlib.suppress(OSError):
         if _is_bpffs(root) and os.stat(root).st_dev == os.stat(prefix + root).st_dev:
