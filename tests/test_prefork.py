@@ -347,7 +347,6 @@ def _holds_a_lock(pid: int) -> bool:
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.xfail(strict=False, reason="needs the bounded lock")
 def test_a_worker_stopped_holding_the_lock_does_not_hang_the_master(server, tmp_path):
     """A worker stopped inside register() holds the selector's lock; the master, registering
     another worker's socket, must give up on the lock, survive, and still stop on SIGTERM."""
