@@ -265,10 +265,17 @@ def test_a_hostile_worker_is_killed_not_obeyed(server, flood):
     ctl = control_socket_of(srv.workers[0])
     ctl.setblocking(False)
     try:
-        if flood:  # register requests whose replies nobody reads: the master's queue fills
-            with contextlib.suppress(BlockingIOError, ConnectionError):
-                for _ in range(5000):
-                    ctl.send(b'{"op": "register", "domain": 0}')
+        if flood:  # register requests whose replies nobody reads
+            # with the master stopped it reads none while they queue (as on a loaded machine):
+            # it then has as much room for replies as the worker had for requests, so a full
+            # send buffer never tells it; the unread reply does
+            os.kill(srv.proc.pid, signal.SIGSTOP)
+            try:
+                with contextlib.suppress(BlockingIOError, ConnectionError):
+                    for _ in range(5000):
+                        ctl.send(b'{"op": "register", "domain": 0}')
+            finally:
+                os.kill(srv.proc.pid, signal.SIGCONT)
         else:
             for msg in (b"not json", b"[]", b'{"op": "ready"}'):
                 with contextlib.suppress(ConnectionError):
