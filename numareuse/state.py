@@ -36,6 +36,7 @@ import socket
 import struct
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -244,6 +245,35 @@ def host_root(create: bool = False) -> str:
     return prefix
 
 
+@contextlib.contextmanager
+def _mounting(path: str, what: str):
+    """Serialise check-then-mount of the bpffs at ``path`` between numareuse processes.
+
+    Two commands (a watcher and a CLI run) that both found it unmounted would
+    otherwise stack two bpffs mounts, and the upper one hides every pin made in
+    the lower. The flock is on the directory under the mount point: a process
+    that opens it after the mount gets the bpffs root instead, and its check
+    sees the mount. The wait is bounded: only a mount(8) runs under it.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise NotSupported(f"bpffs: {what}: {e.strerror}") from None
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise StateError(f"bpffs: another process has been mounting {what} for 10 s") from None
+                time.sleep(0.01)
+        yield
+    finally:
+        os.close(fd)
+
+
 def ensure_bpffs() -> str:
     """The bpffs mount (in the host's mount namespace), mounted now if absent.
 
@@ -257,10 +287,13 @@ def ensure_bpffs() -> str:
             return root
         if not os.path.isdir(root):
             raise NotSupported(f"bpffs: {root} does not exist (kernel without CONFIG_BPF_SYSCALL?)")
-        r = subprocess.run(["mount", "-t", "bpf", "bpf", root], capture_output=True, text=True)
-        if r.returncode != 0 or not _is_bpffs(root):
-            cause = (r.stderr.strip().splitlines() or ["mount failed"])[-1]
-            raise NotSupported(f"bpffs is not mounted at {root} and cannot be mounted: {cause}")
+        with _mounting(root, root):
+            if _is_bpffs(root):
+                return root  # mounted by another numareuse process meanwhile
+            r = subprocess.run(["mount", "-t", "bpf", "bpf", root], capture_output=True, text=True)
+            if r.returncode != 0 or not _is_bpffs(root):
+                cause = (r.stderr.strip().splitlines() or ["mount failed"])[-1]
+                raise NotSupported(f"bpffs is not mounted at {root} and cannot be mounted: {cause}")
         return root
     pid = prefix.split("/")[2]
     root = os.path.abspath(root)
@@ -269,13 +302,18 @@ def ensure_bpffs() -> str:
         return prefix + root
     if not os.path.isdir(prefix + root):
         raise NotSupported(f"bpffs: {where} does not exist")
-    # mount it there, as attach does in its own namespace: a bpffs mounted here would die with this command
-    r = subprocess.run(
-        ["nsenter", f"--mount=/proc/{pid}/ns/mnt", "mount", "-t", "bpf", "bpf", root], capture_output=True, text=True
-    )
-    if r.returncode != 0 or not _is_bpffs(root, pid):
-        cause = (r.stderr.strip().splitlines() or ["mount failed"])[-1]
-        raise NotSupported(f"bpffs is not mounted at {where} and cannot be mounted there: {cause}")
+    with _mounting(prefix + root, where):
+        if _is_bpffs(root, pid):
+            return prefix + root
+        # mount it there, as attach does in its own namespace: a bpffs mounted here would die with this command
+        r = subprocess.run(
+            ["nsenter", f"--mount=/proc/{pid}/ns/mnt", "mount", "-t", "bpf", "bpf", root],
+            capture_output=True,
+            text=True,
+        )
+        if r.returncode != 0 or not _is_bpffs(root, pid):
+            cause = (r.stderr.strip().splitlines() or ["mount failed"])[-1]
+            raise NotSupported(f"bpffs is not mounted at {where} and cannot be mounted there: {cause}")
     return prefix + root
 
 

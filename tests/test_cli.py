@@ -12,6 +12,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -35,7 +36,10 @@ def env(kernel, two_cpus, tmp_path, monkeypatch):
     monkeypatch.setenv("NUMAREUSE_RUNDIR", str(tmp_path / "run"))
     made = Created(monkeypatch)
     yield bpffs
-    subprocess.run(["umount", str(bpffs)], capture_output=True)
+    # every mount: a watcher and a CLI run that raced to mount it stack two
+    for _ in range(5):
+        if subprocess.run(["umount", str(bpffs)], capture_output=True).returncode:
+            break
     # nothing we loaded may outlive a test: its servers are stopped, its pins unmounted
     maps, progs = made.alive()
     assert not progs and not maps, f"leaked BPF programs {progs}, maps {maps}"
@@ -452,3 +456,23 @@ def test_detach_finds_an_orphan_from_a_crash(env, server):
     assert json.loads(r.stdout)["program_was_attached"] is True
     assert pinned_groups(env) == []
     assert set(ask(0, srv.port, 40)) == {0, 1}
+
+
+def test_commands_racing_to_mount_bpffs_mount_it_once(env):
+    """Commands that all find the bpffs unmounted (a watcher starting as a CLI attach runs) mount it once:
+    a second mount stacked on the first would hide every pin made in the first."""
+    code = (
+        "import os, sys, time\n"
+        "from numareuse import state\n"
+        "while time.time() < float(sys.argv[1]): pass\n"
+        "state.ensure_bpffs()\n"
+    )
+    go = time.time() + 1.5  # all start at once, after their imports
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(go)], stderr=subprocess.PIPE, text=True) for _ in range(6)
+    ]
+    errs = [p.communicate(timeout=60)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 6, errs
+    with open("/proc/self/mountinfo") as f:
+        mounts = [ln for ln in f if ln.split()[4] == str(env)]
+    assert len(mounts) == 1, mounts

@@ -12,7 +12,7 @@ import threading
 import time
 
 import pytest
-from conftest import need, pinned
+from conftest import assert_runs, handshake, need, pinned
 from test_cli import cli, env  # noqa: F401  (fixture)
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -80,14 +80,22 @@ def nginx(tmp_path, two_cpus):
     proc.wait(10)
 
 
+def served_by(port: int) -> tuple[int, int]:
+    """(pid of the nginx worker that answered one request, SYNs the client re-sent for it)."""
+    c = socket.socket()
+    try:
+        syns = handshake(c, ("127.0.0.1", port))
+        c.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+        data = b""
+        while chunk := c.recv(4096):
+            data += chunk
+    finally:
+        c.close()
+    return int(re.search(rb"X-Worker-Pid: (\d+)", data).group(1)), syns
+
+
 def worker_pid(port: int) -> int:
-    c = socket.create_connection(("127.0.0.1", port), timeout=5)
-    c.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
-    data = b""
-    while chunk := c.recv(4096):
-        data += chunk
-    c.close()
-    return int(re.search(rb"X-Worker-Pid: (\d+)", data).group(1))
+    return served_by(port)[0]
 
 
 def test_nginx_workers_get_their_cpus_connections(env, nginx):  # noqa: F811
@@ -96,12 +104,15 @@ def test_nginx_workers_get_their_cpus_connections(env, nginx):  # noqa: F811
     rep = json.loads(cli("attach", "-p", port, "-d", "cpu", "--json").stdout)
     owners = {o["pid"]: s["domain"] for s in rep["sockets"] for o in s["owners"]}
     assert owners == {pid: cpus[0] for pid, cpus in cpu_of.items()}  # each worker polls its own socket
+    syns = 0
     for cpu in (0, 1):
         with pinned(cpu):
-            got = {worker_pid(port) for _ in range(20)}
-        assert got == {pid for pid, cpus in cpu_of.items() if cpus == [cpu]}
+            got = [served_by(port) for _ in range(20)]
+        assert {pid for pid, _ in got} == {pid for pid, cpus in cpu_of.items() if cpus == [cpu]}
+        syns += sum(n for _, n in got)
     st = json.loads(cli("stats", "--json").stdout)[0]
-    assert st["counters"]["local"] == 40 and st["locality"] == 1.0
+    assert_runs(st["counters"]["local"], 40, syns, "local")
+    assert st["locality"] == 1.0
     cli("detach", "-p", port)
     with pinned(0):
         assert {worker_pid(port) for _ in range(40)} == set(cpu_of)  # kernel balance again
