@@ -170,6 +170,8 @@ def attach(port, address, udp, ipv6, netns, pid, domains, capacity, as_json, pro
             click.echo(f"attach: {msg}", err=True)
 
     report = control.attach(port, address, udp, ipv6, domains, capacity, progress=say, netns=netns, pid=pid)
+    for w in report["warnings"]:
+        click.echo(f"warning: {w}", err=True)
     if report["action"] == "unchanged":
         click.echo(f"note: already attached to {_gname(report)}; nothing changed", err=True)
 

@@ -81,6 +81,7 @@ BPF_ANY = 0
 BPF_NOEXIST = 1
 
 # socket options (include/uapi/asm-generic/socket.h)
+SO_BINDTODEVICE = 25
 SO_REUSEPORT = 15
 SO_ACCEPTCONN = 30
 SO_INCOMING_CPU = 49
@@ -460,6 +461,11 @@ def _setsockopt(fd: int, opt: int, value: int) -> None:
 
 def sock_opt_int(fd: int, opt: int) -> int:
     return struct.unpack("=i", _getsockopt(fd, opt, 4))[0]
+
+
+def sock_device(fd: int) -> str:
+    """The interface a socket is bound to (SO_BINDTODEVICE), or ''."""
+    return _getsockopt(fd, SO_BINDTODEVICE, 16).split(b"\0", 1)[0].decode(errors="replace")
 
 
 def sock_cookie(fd: int) -> int:

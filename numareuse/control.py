@@ -49,7 +49,8 @@ def attach(
         for note in store.adopt_legacy():
             progress(note)
         progress(f"scanning sockets on port {port}" + (f" in {ns.what}" if ns.foreign else ""))
-        group, socks = discovery.find_sockets(port, address, udp, ipv6, ns=ns, progress=progress)
+        warnings: list[str] = []
+        group, socks = discovery.find_sockets(port, address, udp, ipv6, ns=ns, progress=progress, warn=warnings.append)
         try:
             discovery.assign_domains(socks, topo)
             progress(f"found {len(socks)} sockets of {group}")
@@ -62,6 +63,7 @@ def attach(
         finally:
             discovery.close_all(socks)
         report["netns"] = ns.as_dict()
+        report["warnings"] = warnings
     report["seconds"] = round(time.monotonic() - t0, 3)
     return report
 

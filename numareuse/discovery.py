@@ -56,6 +56,8 @@ class GroupSocket:
     cookie: int = 0
     owners: list[Holder] = field(default_factory=list)
     domain: int = WILDCARD
+    device: str = ""  # SO_BINDTODEVICE
+    uid: int = 0
 
     def as_dict(self) -> dict:
         return {
@@ -102,6 +104,11 @@ def _hex_addr(text: str) -> tuple[str, int]:
 def bound_sockets(proto: str, ipv6: bool, port: int, ns: Netns | None = None) -> dict[int, str]:
     """inode -> bound address of the listening TCP / unconnected UDP sockets on ``port`` of
     network namespace ``ns`` (default: this thread's)."""
+    return {ino: addr for ino, (addr, _) in _bound(proto, ipv6, port, ns).items()}
+
+
+def _bound(proto: str, ipv6: bool, port: int, ns: Netns | None) -> dict[int, tuple[str, int]]:
+    """inode -> (bound address, owner uid): the kernel groups reuseport sockets by uid too."""
     name = f"{proto}{'6' if ipv6 else ''}"
     want = "0A" if proto == "tcp" else "07"  # TCP_LISTEN; UDP TCP_CLOSE = not connected
     local_port = f":{port:04X} "  # cheap pre-filter: a busy host has 100k+ lines (TIME_WAIT)
@@ -113,19 +120,27 @@ def bound_sockets(proto: str, ipv6: bool, port: int, ns: Netns | None = None) ->
                 continue
             fields = line.split()
             if fields[1].endswith(local_port.strip()) and fields[3] == want:
-                out[int(fields[9])] = _hex_addr(fields[1])[0]
+                out[int(fields[9])] = (_hex_addr(fields[1])[0], int(fields[7]))
     return out
 
 
-def holders_of(inodes) -> dict[int, list[Holder]]:
-    """inode -> every (pid, fd) that holds it, over all processes we can see."""
+def holders_of(inodes, unreadable: list[int] | None = None) -> dict[int, list[Holder]]:
+    """inode -> every (pid, fd) that holds it, over all processes we can see.
+
+    ``unreadable`` collects the pids whose fds we may not read (EACCES: another
+    user namespace, or no CAP_SYS_PTRACE over them): a socket they hold looks unheld.
+    """
     links = {f"socket:[{i}]": i for i in inodes}
     out: dict[int, list[Holder]] = {i: [] for i in inodes}
     for pid in psutil.pids():
         try:
             fds = os.listdir(f"/proc/{pid}/fd")
+        except PermissionError:
+            if unreadable is not None:
+                unreadable.append(pid)
+            continue
         except OSError:
-            continue  # gone, or not ours to read
+            continue  # gone
         comm = None
         for fd in fds:
             try:
@@ -150,17 +165,21 @@ def find_sockets(
     ipv6: bool = False,
     ns: Netns | None = None,
     progress=lambda msg: None,
+    warn=lambda msg: None,
 ):
     """(Group, [GroupSocket]) for the sockets bound to ``port`` in network namespace ``ns``
     (default: this thread's).
 
-    Raises NotInGroupError when there is none or one lacks SO_REUSEPORT, and
-    NumaReuseError when the port is bound on several addresses and ``address``
-    does not pick one. The caller must close_all() the result.
+    Raises NotInGroupError when there is none, one lacks SO_REUSEPORT, or they
+    form several reuseport groups (other devices or users), and NumaReuseError
+    when the port is bound on several addresses and ``address`` does not pick
+    one. ``warn`` hears of sockets left out because no process we can read
+    holds them. The caller must close_all() the result.
     """
     proto = "udp" if udp else "tcp"
     what = f"{proto.upper()}/IPv{6 if ipv6 else 4}"
-    found = bound_sockets(proto, ipv6, port, ns)
+    listing = _bound(proto, ipv6, port, ns)
+    found = {i: a for i, (a, _) in listing.items()}
     if address is not None:
         fam = socket.AF_INET6 if ipv6 else socket.AF_INET
         try:
@@ -179,10 +198,16 @@ def find_sockets(
             f"port {port} is bound on several addresses ({', '.join(addrs)}): choose one with --address"
         )
     group = Group(proto, 6 if ipv6 else 4, addrs[0], port)
-    held = holders_of(found)
+    unreadable: list[int] = []
+    held = holders_of(found, unreadable)
     socks = [GroupSocket(ino, hs) for ino, hs in sorted(held.items()) if hs]
+    unheld = len(held) - len(socks)
     if not socks:
-        raise ProcessGone(f"no process holds the sockets of {group} (exited, or not visible to us)")
+        why = f"; pids {_few(unreadable)} are not ours to read" if unreadable else " (exited, or not visible to us)"
+        raise ProcessGone(f"no process holds the sockets of {group}{why}")
+    if unheld:
+        why = f"pids {_few(unreadable)} are not ours to read" if unreadable else "held by no process we can see"
+        warn(f"{unheld} of the {len(held)} sockets of {group} are left to the fallback: {why}")
     try:
         for s in socks:
             _duplicate(s)
@@ -190,6 +215,9 @@ def find_sockets(
                 pids = ", ".join(str(h.pid) for h in s.holders)
                 raise NotInGroupError(f"the socket on {group} held by pid {pids} has no SO_REUSEPORT")
             s.cookie = _sys.sock_cookie(s.fd)
+            s.device = _sys.sock_device(s.fd)
+            s.uid = listing[s.inode][1]
+        _one_group(group, socks)
         _assign_owners(socks, progress)
     except BaseException:
         close_all(socks)
@@ -197,6 +225,35 @@ def find_sockets(
     if not socks:
         raise ProcessGone(f"every process holding {group} exited during discovery")
     return group, socks
+
+
+def _few(pids: list[int], n: int = 5) -> str:
+    return ", ".join(map(str, pids[:n])) + (f" and {len(pids) - n} more" if len(pids) > n else "")
+
+
+def _one_group(group: Group, socks: list[GroupSocket]) -> None:
+    """Refuse sockets of several reuseport groups on one address and port.
+
+    The kernel groups reuseport sockets by address, port, bound device
+    (SO_BINDTODEVICE) and owner uid: sockets bound to different devices (or,
+    for UDP with SO_REUSEADDR, owned by different users) share the port but
+    not the group, and a program attached through one group never sees the
+    other's connections.
+    """
+    kinds: dict[tuple[str, int], list[int]] = defaultdict(list)
+    for s in socks:
+        kinds[(s.device, s.uid)].extend(h.pid for h in s.holders)
+    if len(kinds) < 2:
+        return
+    devices = {d for d, _ in kinds}
+    parts = []
+    for (dev, uid), pids in sorted(kinds.items()):
+        on = f"device {dev}" if dev else "no device"
+        parts.append(f"{on}{f' uid {uid}' if len(devices) < len(kinds) else ''} (pid {_few(sorted(set(pids)), 3)})")
+    raise NotInGroupError(
+        f"{group} has sockets of {len(kinds)} reuseport groups, bound to {'; '.join(parts)}: "
+        "numareuse steers one group; bind every socket alike"
+    )
 
 
 def _duplicate(s: GroupSocket) -> None:

@@ -66,7 +66,7 @@ def _group_key(fd: int) -> tuple:
 def bound_device(s: socket.socket) -> str:
     """The device a socket is bound to (SO_BINDTODEVICE), '' for none."""
     try:
-        return s.getsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, 16).split(b"\0", 1)[0].decode()
+        return _sys.sock_device(s.fileno())
     except OSError:
         return ""
 

@@ -345,6 +345,7 @@ class _Group:
     owners: dict[int, list[tuple[int, str]]] = field(default_factory=dict)  # cookie -> [(pid, comm)]
     domains: dict[int, object] = field(default_factory=dict)  # cookie -> domain
     pids: set[int] = field(default_factory=set)  # owners of the last pass
+    warnings: set[str] = field(default_factory=set)  # attach's last warnings (each logged once)
     parents: set[int] = field(default_factory=set)  # their parents (who forks new workers)
     next_check: float = 0.0
     hot_until: float = 0.0
@@ -855,6 +856,11 @@ class Watcher:
             log.info(f"{name}: steering {len(rep['sockets'])} sockets, program {rep['program_id']}")
         for c in changes:
             log.info(f"{name}: {c}")
+        warnings = rep.get("warnings", [])
+        for w in warnings:
+            if w not in g.warnings:  # once, not at every check
+                log.warning(f"{name}: {w}")
+        g.warnings = set(warnings)
         self.health.changes += len(changes)
         g.owners, g.domains = owners, domains
         g.pids = {p for os_ in owners.values() for p, _ in os_}

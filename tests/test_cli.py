@@ -284,8 +284,8 @@ def test_process_exits_during_attach(env, server, monkeypatch):
     srv = server("--workers", 2, "--cpus", "0,1")
     real = discovery.holders_of
 
-    def then_exit(inodes):
-        found = real(inodes)
+    def then_exit(*args):
+        found = real(*args)
         srv.stop()  # the server exits between the scan and taking its sockets
         return found
 
@@ -476,3 +476,86 @@ def test_commands_racing_to_mount_bpffs_mount_it_once(env):
     with open("/proc/self/mountinfo") as f:
         mounts = [ln for ln in f if ln.split()[4] == str(env)]
     assert len(mounts) == 1, mounts
+
+
+def _reuseport_listener(port: int, device: str = "") -> socket.socket:
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if device:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())
+    s.bind(("127.0.0.1", port))
+    s.listen(16)
+    return s
+
+
+def test_sockets_of_two_reuseport_groups_on_one_port_are_refused(env):
+    """Sockets bound to a device and sockets bound to none share 127.0.0.1:port but not the
+    kernel's reuseport group: a program attached through one would never see the other's connections."""
+    plain = _reuseport_listener(0)
+    port = plain.getsockname()[1]
+    socks = [plain, _reuseport_listener(port), _reuseport_listener(port, "lo")]
+    try:
+        msg = error_of(cli("attach", "-p", port, ok=False))
+        assert f"tcp4 127.0.0.1:{port} has sockets of 2 reuseport groups" in msg, msg
+        assert "device lo" in msg and "no device" in msg, msg
+        assert_untouched(env)
+        socks.pop().close()  # what is left is one group: attached as usual
+        rep = json.loads(cli("attach", "-p", port, "--json").stdout)
+        assert len(rep["sockets"]) == 2 and rep["warnings"] == []
+        cli("detach", "-p", port)
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_one_group_bound_to_a_device_is_attached(env):
+    first = _reuseport_listener(0, "lo")
+    port = first.getsockname()[1]
+    socks = [first, _reuseport_listener(port, "lo")]
+    try:
+        rep = json.loads(cli("attach", "-p", port, "--json").stdout)
+        assert len(rep["sockets"]) == 2
+        c = socket.create_connection(("127.0.0.1", port), timeout=5)  # still accepted
+        c.close()
+        cli("detach", "-p", port)
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_sockets_held_by_unreadable_processes_are_reported(env, monkeypatch):
+    """A socket held only by a process whose /proc/PID/fd we may not read (another user
+    namespace, no CAP_SYS_PTRACE over it) is left to the fallback, and attach says so."""
+    from numareuse import discovery
+
+    mine = _reuseport_listener(0)
+    port = mine.getsockname()[1]
+    code = (
+        "import socket, sys; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1);"
+        "s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen(); print('ok', flush=True); sys.stdin.read()"
+    )
+    other = subprocess.Popen(
+        [sys.executable, "-c", code, str(port)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert other.stdout.readline() == "ok\n"
+        real = os.listdir
+
+        def listdir(path):
+            if path == f"/proc/{other.pid}/fd":  # the refusing syscall
+                raise PermissionError(13, "Permission denied", path)
+            return real(path)
+
+        monkeypatch.setattr(discovery.os, "listdir", listdir)
+        r = cli("attach", "-p", port, "--json")
+        rep = json.loads(r.stdout)
+        assert len(rep["sockets"]) == 1
+        want = f"1 of the 2 sockets of tcp4 127.0.0.1:{port} are left to the fallback: "
+        want += f"pids {other.pid} are not ours to read"
+        assert rep["warnings"] == [want]
+        assert f"warning: {want}" in r.stderr.splitlines()
+        cli("detach", "-p", port)
+    finally:
+        other.stdin.close()
+        other.wait(10)
+        mine.close()
