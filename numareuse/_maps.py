@@ -146,6 +146,24 @@ class Views:
         """The raw memory of elements first..first+n-1 (8 bytes each)."""
         return self.raw[key][first * 8 : (first + n) * 8]
 
+    def put_span(self, key: str, first: int, values: list[int]) -> None:
+        """Elements first.. = values, one element-sized store each (a C-speed copy)."""
+        st, view = self.stride[key], self._views[key]
+        view[first * st : (first + len(values)) * st : st] = array.array(view.format, values)
+
+    # The upper 4 bytes of a u32 array's 8-byte element: memory the program cannot read
+    # (the verifier bounds it to value_size) and no syscall writes (they copy value_size).
+    # The controller keeps its own hints there (the bucket chains of _slots).
+
+    def get_pad(self, key: str, i: int) -> int:
+        return self._views[key][2 * i + 1]
+
+    def put_pad(self, key: str, i: int, value: int) -> None:
+        self._views[key][2 * i + 1] = value
+
+    def put_pad_span(self, key: str, first: int, values: list[int]) -> None:
+        self._views[key][2 * first + 1 : 2 * (first + len(values)) : 2] = array.array("I", values)
+
     def fill(self, key: str, value: int, first: int = 0, n: int | None = None) -> None:
         st, view = self.stride[key], self._views[key]
         count = (len(view) // st - first) if n is None else n

@@ -173,6 +173,45 @@ def test_bucket_shares_stay_balanced(sel, group):
     assert max(shares.values()) - min(shares.values()) <= 1, shares
 
 
+@pytest.mark.parametrize("scramble", ["zero", "garbage", "self-loops"])
+def test_bucket_chains_are_only_hints(kernel, two_cpus, group, scramble):
+    """The controller's bucket chains (pad halves of the u32 elements) may hold anything after
+    a crash or an older release: joins and leaves still move exactly a share of buckets each
+    and keep the shares level, checked against the table itself."""
+    import random
+
+    rnd = random.Random(7)
+    socks, _ = group(14)
+    with Selector("0;1", capacity=16) as sel:  # 64 buckets: 4+ owners take theirs a few at a time
+        sl = sel._slots
+        sel.attach(socks[0])
+        for s in socks[:10]:
+            sel.register(s, 0)
+        for key, n in (("buckets", sl.nb), ("bucket_count", sl.cap)):
+            for i in range(n):
+                v = {"zero": 0, "garbage": rnd.randrange(1 << 32), "self-loops": i + 1}[scramble]
+                sl.v.put_pad(key, i, v)
+
+        def flows() -> list[int]:  # bucket -> cookie of the socket it names (indexes move in a compaction)
+            return [sl.slot_cookie(o) if o < sl.cap else 0 for o in sl.v.span("buckets", 0, sl.nb)]
+
+        joins = iter(socks[10:])
+        for leaver in (socks[2], None, socks[5], None, None, socks[0], None):
+            before, n = flows(), len(sel.registrations())
+            if leaver is None:
+                sel.register(next(joins), 0)
+                bound = -(-sl.nb // (n + 1))  # a newcomer takes its share
+            else:
+                assert sel.unregister(leaver)
+                bound = -(-sl.nb // n)  # the leaver's share goes to the others
+            moved = sum(x != y for x, y in zip(before, flows()))
+            shares = sl.bucket_shares(0)
+            assert shares == sl.recorded_shares(0), shares
+            assert sum(shares.values()) == sl.nb and max(shares.values()) - min(shares.values()) <= 1, shares
+            assert len(shares) == len(sel.registrations())
+            assert 0 < moved <= bound, (leaver, moved, bound)
+
+
 def test_shutdown_then_listen_again_is_repaired_by_refresh(sel, group):
     """A listener paused with shutdown() leaves its slot (the kernel empties it); refresh puts it back."""
     socks, port = group(2)
