@@ -409,7 +409,11 @@ class Slots:
         table = None  # read only if a chain fails
         rechained = False
         taken, changed, nxt = [], {idx}, {}  # nxt: donor -> (where its search goes on, wrapped)
-        top, pos = max(shares), 0
+        # the others' shares are level: the largest is nb / (owners - 1) rounded up, unless a
+        # change was cut short (then the scan finds it)
+        top, pos = -(-self.nb // (owners - 1)), 0
+        if top not in shares:
+            top = max(shares)
         while len(taken) < want and top > 0:
             try:
                 donor = shares.index(top, pos)
