@@ -13,9 +13,9 @@ import os
 import shutil
 import time
 
-from . import _crash, _sys, discovery, topology
+from . import _crash, discovery, topology
 from ._layout import COUNTERS, DEFAULT_CAPACITY, LAYOUT_VERSION, SELECTION_OUTCOMES
-from .errors import NotInGroupError, NumaReuseError, ProcessGone, StateError, from_oserror
+from .errors import NotInGroupError, NumaReuseError, ProcessGone, StateError
 from .selector import WILDCARD, Selector
 from .state import Group, Netns, Store, parse_name, require_root
 
@@ -160,7 +160,7 @@ def _undo(sel: Selector, socks, replacing: Selector | None, before: dict[int, in
             sel.detach(socks[0].fd)
         return
     sel.clear()
-    _sys.attach_reuseport_prog(socks[0].fd, replacing.prog_fd)
+    replacing.attach(socks[0].fd)
     sel.forget_attached()  # what is attached now is not ours to detach on close
     for s in socks:
         replacing.use_group(s.fd)
@@ -285,9 +285,7 @@ def detach(
         # any other error (no permission to take a socket) keeps the state: the
         # program is still attached and a later detach must find it
         try:
-            detached = bool(socks) and _sys.detach_reuseport_prog(socks[0].fd)
-        except OSError as e:
-            raise from_oserror(e, "detaching the program (SO_DETACH_REUSEPORT_BPF)") from e
+            detached = bool(socks) and Selector.detach_group(socks[0].fd)
         finally:
             discovery.close_all(socks)
         _crash.point("detach.detached")

@@ -318,6 +318,16 @@ class Selector:
                 return fd
         return None
 
+    @staticmethod
+    def detach_group(sock) -> bool:
+        """Detach whatever program is attached to the reuseport group of ``sock`` (for a
+        controller that holds no Selector for it, as ``numareuse detach`` after a crash).
+        Returns False when none was."""
+        try:
+            return _sys.detach_reuseport_prog(_fileno(sock))
+        except OSError as e:
+            raise from_oserror(e, "detaching the program (SO_DETACH_REUSEPORT_BPF)") from e
+
     def detach(self, sock=None) -> bool:
         """Detach the program from the group; the kernel's own hash balances again.
 
@@ -331,10 +341,7 @@ class Selector:
             # every socket we knew is closed: the group (and the program with it) is gone
             self._group, self._attached = None, False
             return False
-        try:
-            done = _sys.detach_reuseport_prog(fd)
-        except OSError as e:
-            raise from_oserror(e, "detaching the program (SO_DETACH_REUSEPORT_BPF)") from e
+        done = self.detach_group(fd)
         self._group, self._attached = None, False
         return done
 
