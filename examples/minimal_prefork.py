@@ -6,7 +6,7 @@ One SO_REUSEPORT listener per CPU; the master attaches the program before
 fork, each worker pins itself to its CPU and registers its own socket in the
 domain it now runs in. The master keeps every socket, so a worker's socket
 outlives the worker. Ctrl-C stops everything. For restarts, unprivileged
-workers and graceful stop, see numareuse/prefork.py.
+workers and graceful stop, see numareuse/examples/prefork.py.
 """
 
 import os

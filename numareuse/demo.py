@@ -1,6 +1,6 @@
 """``make demo``: the bundled pre-fork server under pinned client load, before and after numareuse.
 
-Starts ``python -m numareuse.prefork`` on loopback with one worker per CPU,
+Starts ``python -m numareuse.examples.prefork`` on loopback with one worker per CPU,
 pinned like nginx's ``worker_cpu_affinity auto``, first with the kernel's
 default SO_REUSEPORT balancing (``--no-numareuse``) and then with numareuse,
 and runs the same client load against each: client processes pinned to each
@@ -83,7 +83,7 @@ class _Server:
 
     def __init__(self, args: list[str]):
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "numareuse.prefork", *args],
+            [sys.executable, "-m", "numareuse.examples.prefork", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -208,7 +208,7 @@ def main(argv=None) -> int:
     print(f"  domains ({domains}): {doms}")
     server_args = ["--host", HOST, "--port", "0", "--workers", str(len(cpus)), "--affinity", "auto"]
     server_args += ["--domains", domains]
-    print(f"  server: python -m numareuse.prefork {' '.join(server_args)} [--no-numareuse]")
+    print(f"  server: python -m numareuse.examples.prefork {' '.join(server_args)} [--no-numareuse]")
     print(
         f"  load:   {a.clients_per_cpu} client processes pinned to each CPU, a new connection per request, "
         f"{a.duration:g} s per run",

@@ -1,6 +1,6 @@
 """Client side of the bundled pre-fork server, shared by tests/test_prefork.py and tests/vm.
 
-``Server`` runs ``python -m numareuse.prefork`` in its own session and collects
+``Server`` runs ``python -m numareuse.examples.prefork`` in its own session and collects
 its output line by line; ``http_get`` makes one request on a new connection
 (so every request is a new steering decision) and returns its X-Worker headers.
 """
@@ -70,14 +70,14 @@ def control_socket_of(worker_pid: int) -> socket.socket:
 
 
 class Server:
-    """``python -m numareuse.prefork`` in its own session, its output collected line by line.
+    """``python -m numareuse.examples.prefork`` in its own session, its output collected line by line.
 
-    ``hook``: Python source run instead of ``-m numareuse.prefork``; it patches what a
-    test needs, then calls ``numareuse.prefork.main(sys.argv[1:])``.
+    ``hook``: Python source run instead of ``-m numareuse.examples.prefork``; it patches what a
+    test needs, then calls ``numareuse.examples.prefork.main(sys.argv[1:])``.
     """
 
     def __init__(self, *args: str, hook: str | None = None, env: dict | None = None):
-        how = ["-c", hook] if hook else ["-m", "numareuse.prefork"]
+        how = ["-c", hook] if hook else ["-m", "numareuse.examples.prefork"]
         self.proc = subprocess.Popen(
             [sys.executable, *how, "--port", "0", *args],
             stdout=subprocess.PIPE,

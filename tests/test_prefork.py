@@ -23,7 +23,7 @@ from conftest import need, pinned
 from prefork_client import Server, control_socket_of, http_get, read_response
 
 from numareuse import _sys
-from numareuse.prefork import parse_affinity
+from numareuse.examples.prefork import parse_affinity
 
 N = 30  # requests per CPU
 
@@ -229,7 +229,7 @@ def test_sigterm_during_startup_exits_cleanly(kernel):
     """A stop while the workers are still starting is a clean exit 0 (the master catches
     signals from before the program loads, so no moment of start-up kills it outright)."""
     p = subprocess.Popen(
-        [sys.executable, "-m", "numareuse.prefork", "--port", "0", "--domains", "cpu"],
+        [sys.executable, "-m", "numareuse.examples.prefork", "--port", "0", "--domains", "cpu"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -249,7 +249,7 @@ def test_sigterm_during_startup_exits_cleanly(kernel):
 
 def test_bad_user_fails_with_one_line(kernel):
     p = subprocess.run(
-        [sys.executable, "-m", "numareuse.prefork", "--port", "0", "--user", "no-such-user-here"],
+        [sys.executable, "-m", "numareuse.examples.prefork", "--port", "0", "--user", "no-such-user-here"],
         capture_output=True,
         text=True,
         timeout=30,
@@ -290,13 +290,14 @@ def test_a_hostile_worker_is_killed_not_obeyed(server, flood):
     assert {a["index"] for a in answers(1, srv, 10)} == {1}  # and the master never stopped
 
 
-# Runs in the master instead of ``-m numareuse.prefork``: the first worker 1 started while
+# Runs in the master instead of ``-m numareuse.examples.prefork``: the first worker 1 started while
 # the file $NUMAREUSE_TEST_STOP exists moves its socket itself (to the wildcard: a move
 # writes the maps) and stops (SIGSTOP) at the first map access it makes while it holds a
 # file lock: in the middle of register(), holding the selector's lock.
 STOPS_HOLDING_THE_LOCK = """
 import os, signal, sys
-from numareuse import WILDCARD, _sys, prefork
+from numareuse import WILDCARD, _sys
+from numareuse.examples import prefork
 
 trigger = os.environ["NUMAREUSE_TEST_STOP"]
 register = prefork._Worker._register

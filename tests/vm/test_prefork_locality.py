@@ -1,4 +1,4 @@
-"""The bundled pre-fork server (numareuse.prefork) with workers on every node of a real NUMA machine.
+"""The bundled pre-fork server (numareuse.examples.prefork) with workers on every node of a real NUMA machine.
 
 Workers pinned one per CPU register ``CURRENT`` under ``--domains numa``, as
 nginx workers with ``worker_cpu_affinity auto`` would: every request from a

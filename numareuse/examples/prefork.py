@@ -44,7 +44,7 @@ Design choices, and why:
 
 Usage::
 
-    python -m numareuse.prefork --port 8080 --workers 2 --affinity auto --domains cpu [--user nobody]
+    python -m numareuse.examples.prefork --port 8080 --workers 2 --affinity auto --domains cpu [--user nobody]
 
 ``--affinity`` is ``auto`` (worker i on CPU i mod ncpu), nginx-style masks
 (``"01 10"``: rightmost bit is CPU 0; the last mask repeats for further
@@ -69,9 +69,9 @@ import sys
 import time
 from dataclasses import dataclass
 
-from . import _sys, topology
-from .errors import NumaReuseError, PermissionDenied
-from .selector import CURRENT, WILDCARD, Selector
+from .. import _sys, topology
+from ..errors import NumaReuseError, PermissionDenied
+from ..selector import CURRENT, WILDCARD, Selector
 
 DRAIN_SECONDS = 5.0  # a stopping worker finishes its connections within this
 KEEPALIVE_SECONDS = 30.0
@@ -742,11 +742,12 @@ class Master:
 
 def _args(argv):
     p = argparse.ArgumentParser(
-        prog="python -m numareuse.prefork",
+        prog="python -m numareuse.examples.prefork",
         description="A pre-fork HTTP server (nginx's model) whose workers register with numareuse.",
-        epilog="examples:\n  python -m numareuse.prefork --port 8080 --workers 2 --affinity auto --domains cpu\n"
-        "  python -m numareuse.prefork --port 0 --affinity '01 10' --user nobody --registration master\n"
-        "  python -m numareuse.prefork --port 8080 --no-numareuse   # baseline: the kernel's hash",
+        epilog="examples:\n"
+        "  python -m numareuse.examples.prefork --port 8080 --workers 2 --affinity auto --domains cpu\n"
+        "  python -m numareuse.examples.prefork --port 0 --affinity '01 10' --user nobody --registration master\n"
+        "  python -m numareuse.examples.prefork --port 8080 --no-numareuse   # baseline: the kernel's hash",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (IPv4 or IPv6)")
