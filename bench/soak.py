@@ -42,7 +42,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import git_commit, write_json
+from . import git_commit, nginx, write_json
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -200,31 +200,6 @@ def parse_wrk(text: str) -> dict:
 
 # -- nginx ---------------------------------------------------------------------
 
-CONF = """
-worker_processes {workers};
-worker_cpu_affinity {masks};
-worker_shutdown_timeout 5s;
-daemon off;
-master_process on;
-pid {dir}/nginx.pid;
-error_log {dir}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-    client_body_temp_path {dir}/body;
-    proxy_temp_path {dir}/proxy;
-    fastcgi_temp_path {dir}/fastcgi;
-    uwsgi_temp_path {dir}/uwsgi;
-    scgi_temp_path {dir}/scgi;
-    server {{
-        listen 127.0.0.1:{port} reuseport backlog=4096;
-        location / {{
-            return 200 "$pid\\n";
-        }}
-    }}
-}}
-"""
-
 
 def socket_fds(pid: int) -> int:
     n = 0
@@ -256,7 +231,7 @@ class Nginx:
     def _write(self, workers: int) -> None:
         width = max(self.cpus) + 1
         masks = " ".join(format(1 << self._cpu(i), f"0{width}b") for i in range(workers))
-        self.conf.write_text(CONF.format(workers=workers, masks=masks, dir=self.dir, port=self.port))
+        self.conf.write_text(nginx.conf(self.dir, self.port, workers, masks, shutdown_timeout="5s"))
         self.workers = workers
 
     def _cmd(self, *extra: str) -> list[str]:

@@ -38,25 +38,9 @@ import time
 from numareuse import _sys
 from numareuse.state import Group, Store
 
+from . import nginx
+
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
-NGINX_CONF = """
-worker_processes {workers};
-worker_cpu_affinity auto;
-daemon off;
-master_process on;
-pid {dir}/nginx.pid;
-error_log {dir}/error.log warn;
-events {{ worker_connections 256; }}
-http {{
-    access_log off;
-    client_body_temp_path {dir}/body;
-    proxy_temp_path {dir}/proxy;
-    fastcgi_temp_path {dir}/fastcgi;
-    uwsgi_temp_path {dir}/uwsgi;
-    scgi_temp_path {dir}/scgi;
-    server {{ listen 127.0.0.1:{port} reuseport; location / {{ return 200 "ok\\n"; }} }}
-}}
-"""
 
 
 def log(msg: str) -> None:
@@ -210,7 +194,7 @@ def idle_cpu(workers: int, seconds: float, interval: float) -> dict:
     d = tempfile.mkdtemp(prefix="bench-watch-nginx-")
     port = free_port()
     with open(f"{d}/nginx.conf", "w") as f:
-        f.write(NGINX_CONF.format(dir=d, port=port, workers=workers))
+        f.write(nginx.conf(d, port, workers, connections=256))
     ng = subprocess.Popen([NGINX, "-c", f"{d}/nginx.conf", "-e", f"{d}/error.log"])
     w = None
     try:

@@ -562,7 +562,8 @@ class Slots:
         if idx == n:
             self.set_count(region, n + 1, n)  # publish last: the program never sees a slot before its socket
         _crash.point("insert.counted")
-        owners = len(cookies) - cookies.count(0) + 1  # live ones, and this one
+        # live ones, and this one (free_index found no hole when it returned the tail)
+        owners = n + 1 if idx == n else len(cookies) - cookies.count(0) + 1
         self._take_buckets(region, idx, max(n, idx + 1), owners)
 
     def vacate(self, slot: int, cookie: int, gone: bool = False, compact: bool = True) -> None:

@@ -48,17 +48,18 @@ def _group_key(fd: int) -> tuple:
         os.close(dup)
         raise NotInGroupError(f"fd {fd} is not a socket ({e.strerror})") from None
     try:
-        if s.family not in (socket.AF_INET, socket.AF_INET6) or s.type not in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+        fam, typ = s.family, s.type  # each read converts to an IntEnum: read once
+        if fam not in (socket.AF_INET, socket.AF_INET6) or typ not in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
             raise NotInGroupError("not a TCP or UDP socket over IPv4/IPv6")
         if not s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT):
             raise NotInGroupError("socket has no SO_REUSEPORT, so it is in no reuseport group")
         addr = s.getsockname()
         if addr[1] == 0:
             raise NotInGroupError("socket is not bound")
-        if s.type == socket.SOCK_STREAM and not s.getsockopt(socket.SOL_SOCKET, _sys.SO_ACCEPTCONN):
+        if typ == socket.SOCK_STREAM and not s.getsockopt(socket.SOL_SOCKET, _sys.SO_ACCEPTCONN):
             raise NotInGroupError("TCP socket is not listening")
         # sockets bound to different devices (SO_BINDTODEVICE) form different groups on one address
-        return (s.family, s.type, s.proto, addr[:2], bound_device(s))
+        return (fam, typ, s.proto, addr[:2], bound_device(s))
     finally:
         s.close()
 

@@ -12,10 +12,14 @@ import os
 import select
 import socket
 import struct
+import sys
 import time
 from typing import NamedTuple
 
 import pytest
+
+# the checkout's root: tests share helpers with bench/ (bench.nginx)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from numareuse import _sys
 from numareuse.topology import pinned  # noqa: F401  (tests import it from here)

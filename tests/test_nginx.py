@@ -15,33 +15,10 @@ import pytest
 from conftest import assert_runs, handshake, need, pinned
 from test_cli import cli, env  # noqa: F401  (fixture)
 
+from bench.nginx import conf as nginx_conf
+
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 WRK = shutil.which("wrk")
-
-CONF = """
-worker_processes 2;
-worker_cpu_affinity 01 10;
-daemon off;
-master_process on;
-pid {dir}/nginx.pid;
-error_log {dir}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-    client_body_temp_path {dir}/body;
-    proxy_temp_path {dir}/proxy;
-    fastcgi_temp_path {dir}/fastcgi;
-    uwsgi_temp_path {dir}/uwsgi;
-    scgi_temp_path {dir}/scgi;
-    server {{
-        listen 127.0.0.1:{port} reuseport backlog=4096;
-        location / {{
-            add_header X-Worker-Pid $pid;
-            return 200 "$pid\\n";
-        }}
-    }}
-}}
-"""
 
 
 def free_port() -> int:
@@ -57,7 +34,7 @@ def nginx(tmp_path, two_cpus):
     need(os.path.exists(NGINX), "nginx (Debian nginx-light) is not installed")
     port = free_port()
     conf = tmp_path / "nginx.conf"
-    conf.write_text(CONF.format(dir=tmp_path, port=port))
+    conf.write_text(nginx_conf(tmp_path, port, workers=2, affinity="01 10"))
     proc = subprocess.Popen([NGINX, "-c", str(conf), "-e", str(tmp_path / "error.log")])
     import psutil
 

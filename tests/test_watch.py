@@ -25,6 +25,7 @@ from conftest import need, pinned
 from test_cli import ask, cli, env  # noqa: F401  (fixture)
 from test_nginx import NGINX, WRK, free_port, worker_pid
 
+from bench.nginx import conf as nginx_conf
 from numareuse import _sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -32,30 +33,6 @@ DEADLINE = (
     30.0  # s to wait for a change to show (on a loaded machine); the watcher's speed is measured by bench/watch.py
 )
 
-CONF = """
-worker_processes {workers};
-worker_cpu_affinity {affinity};
-daemon off;
-master_process on;
-pid {dir}/nginx.pid;
-error_log {dir}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-    client_body_temp_path {dir}/body;
-    proxy_temp_path {dir}/proxy;
-    fastcgi_temp_path {dir}/fastcgi;
-    uwsgi_temp_path {dir}/uwsgi;
-    scgi_temp_path {dir}/scgi;
-    server {{
-        listen 127.0.0.1:{port} reuseport backlog=4096;
-        location / {{
-            add_header X-Worker-Pid $pid;
-            return 200 "$pid\\n";
-        }}
-    }}
-}}
-"""
 AFFINITY = {2: "01 10", 4: "01 10 01 10"}
 
 
@@ -92,7 +69,7 @@ class Nginx:
 
     def _write(self, workers, affinity=None):
         affinity = affinity or AFFINITY[workers]
-        self.conf.write_text(CONF.format(dir=self.dir, port=self.port, workers=workers, affinity=affinity))
+        self.conf.write_text(nginx_conf(self.dir, self.port, workers, affinity))
 
     def start(self, workers=2, affinity=None):
         self._write(workers, affinity)
