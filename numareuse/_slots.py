@@ -423,9 +423,8 @@ class Slots:
             pos = donor + 1
             if donor == idx or shares[donor] <= want:
                 continue
-            # each donor's search starts at its own point of the table and wraps: taking
-            # always its first buckets would leave the old owners' buckets at the table's
-            # end, and every later search would scan most of the table to reach them
+            # off the donor's chain; each bucket is written at once, so that the check of
+            # a later pop (and a rebuild) sees it taken: a stale chain can name it twice
             b = self._pop(region, donor)
             if b < 0 and not rechained:
                 self._rechain(region)
@@ -440,11 +439,11 @@ class Slots:
                 if b < 0:
                     continue
                 nxt[donor] = b + 1
+            self.v.put("buckets", region * self.nb + b, idx)
             taken.append(b)
             shares[donor] -= 1
             changed.add(donor)
         shares[idx] = len(taken)
-        self._write_buckets(region, taken, [idx] * len(taken))
         for b in taken:
             self._push(region, idx, b)
         self._write_shares(region, shares, changed)
