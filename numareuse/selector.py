@@ -23,6 +23,7 @@ CURRENT = -1  # FreeBSD TCP_REUSPORT_LB_NUMA_CURDOM
 WILDCARD = -2  # FreeBSD TCP_REUSPORT_LB_NUMA_NODOM
 
 _U32 = struct.Struct("=I")
+_U64 = struct.Struct("=Q")
 _TCP_INFO = 11
 _SIOCINQ = 0x541B
 
@@ -36,8 +37,9 @@ def _fileno(sock) -> int:
     return sock if isinstance(sock, int) else sock.fileno()
 
 
-def _group_key(fd: int) -> tuple:
-    """(family, type, protocol, bound address) of a socket usable in a group, else ENOENT."""
+def _group_key(fd: int) -> tuple[tuple, int]:
+    """((family, type, protocol, bound address, device), cookie) of a socket usable in a
+    group, else ENOENT. One dup, and every query through it (each a C call, no ctypes)."""
     try:
         dup = os.dup(fd)
     except OSError as e:
@@ -59,17 +61,11 @@ def _group_key(fd: int) -> tuple:
         if typ == socket.SOCK_STREAM and not s.getsockopt(socket.SOL_SOCKET, _sys.SO_ACCEPTCONN):
             raise NotInGroupError("TCP socket is not listening")
         # sockets bound to different devices (SO_BINDTODEVICE) form different groups on one address
-        return (fam, typ, s.proto, addr[:2], bound_device(s))
+        device = s.getsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, 16).split(b"\0", 1)[0].decode()
+        cookie = _U64.unpack(s.getsockopt(socket.SOL_SOCKET, _sys.SO_COOKIE, 8))[0]
+        return (fam, typ, s.proto, addr[:2], device), cookie
     finally:
         s.close()
-
-
-def bound_device(s: socket.socket) -> str:
-    """The device a socket is bound to (SO_BINDTODEVICE), '' for none."""
-    try:
-        return _sys.sock_device(s.fileno())
-    except OSError:
-        return ""
 
 
 def _describe(key: tuple) -> str:
@@ -269,10 +265,10 @@ class Selector:
         fd = _fileno(sock)
         if self._group is None:
             raise NotInGroupError("the selector is not attached to a reuseport group")
-        key = _group_key(fd)
+        key, cookie = _group_key(fd)
         if key != self._group:
             raise NotInGroupError(f"socket {_describe(key)} is not in the attached group {_describe(self._group)}")
-        return fd, _sys.sock_cookie(fd)
+        return fd, cookie
 
     # -- attach / detach --------------------------------------------------
 
@@ -284,13 +280,13 @@ class Selector:
         from its first packet (``attach`` afterwards).
         """
         fd = _fileno(sock)
-        key = _group_key(fd)
+        key, cookie = _group_key(fd)
         if self._group is not None and key != self._group:
             raise NumaReuseError(
                 f"already attached to group {_describe(self._group)}, not {_describe(key)}; use one Selector per group"
             )
         self._group = key
-        self._sock_fds[_sys.sock_cookie(fd)] = fd
+        self._sock_fds[cookie] = fd
 
     def attach(self, sock) -> None:
         """Attach the program to the SO_REUSEPORT group of ``sock`` (any socket of it).
