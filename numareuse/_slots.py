@@ -510,12 +510,15 @@ class Slots:
                     shares[to[j]] += k
                     changed.add(to[j])
         if gone:
-            self._write_buckets(region, gone, owners)
             if len(gone) <= 64:
+                # chains before the table: cut short here, a chain names a bucket the table
+                # does not give it yet (a check rejects it), never misses one it gives
                 self.v.put_pad("bucket_count", region * self.cap + idx, 0)
                 for b, o in zip(gone, owners):
                     self._push(region, o, b)
+                self._write_buckets(region, gone, owners)
             else:
+                self._write_buckets(region, gone, owners)
                 self._unchain(region)
         self._write_shares(region, shares, changed)
 
