@@ -320,8 +320,14 @@ def test_gthread_keeps_the_users_hooks_through_a_reload(tmp_path, wrk_script):
     assert hooks["when_ready"] == 1 and hooks["on_exit"] == 1, hooks
     spawned = hooks["post_fork"]
     assert spawned == hooks["pre_fork"] >= 12, hooks
-    # every worker exits and is reaped, but one killed at shutdown after that boot race runs neither hook
-    assert spawned - 1 <= hooks["worker_exit"] <= spawned and spawned - 1 <= hooks["child_exit"] <= spawned, hooks
+    # every worker is reaped (child_exit), but one killed at shutdown may not be. A worker that a
+    # signal kills before it has set its handlers (a boot race with the reload or the stop) runs
+    # no worker_exit; the master logs each as "was sent SIG...", so that count is measured
+    signalled = len(re.findall(r"Worker \(pid:\d+\) was sent SIG", server.log()))
+    assert spawned - 1 <= hooks["child_exit"] <= spawned, hooks
+    unreaped = spawned - hooks["child_exit"]  # it may or may not have run worker_exit
+    low = hooks["child_exit"] - signalled
+    assert low <= hooks["worker_exit"] <= low + unreaped, (hooks, signalled)
     assert hooks["pre_request"] >= spawned - 2, hooks  # each worker served (the last two may not have)
     # the user's post_fork runs after numareuse's: it sees its worker pinned, with one socket
     forks = {tuple(line.split()[1:]) for line in lines if line.startswith("post_fork")}
