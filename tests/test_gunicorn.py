@@ -320,14 +320,13 @@ def test_gthread_keeps_the_users_hooks_through_a_reload(tmp_path, wrk_script):
     assert hooks["when_ready"] == 1 and hooks["on_exit"] == 1, hooks
     spawned = hooks["post_fork"]
     assert spawned == hooks["pre_fork"] >= 12, hooks
-    # every worker is reaped (child_exit), but one killed at shutdown may not be. A worker that a
-    # signal kills before it has set its handlers (a boot race with the reload or the stop) runs
-    # no worker_exit; the master logs each as "was sent SIG...", so that count is measured
+    # every worker is reaped (child_exit), but one killed at shutdown may not be. Only a worker
+    # that a signal killed can miss worker_exit (one killed before it set its handlers, in a boot
+    # race with the reload or the stop; one killed after its hook has run it already); the master
+    # logs each as "was sent SIG...", so the misses are bounded by that measured count
     signalled = len(re.findall(r"Worker \(pid:\d+\) was sent SIG", server.log()))
     assert spawned - 1 <= hooks["child_exit"] <= spawned, hooks
-    unreaped = spawned - hooks["child_exit"]  # it may or may not have run worker_exit
-    low = hooks["child_exit"] - signalled
-    assert low <= hooks["worker_exit"] <= low + unreaped, (hooks, signalled)
+    assert hooks["child_exit"] - signalled <= hooks["worker_exit"] <= spawned, (hooks, signalled)
     assert hooks["pre_request"] >= spawned - 2, hooks  # each worker served (the last two may not have)
     # the user's post_fork runs after numareuse's: it sees its worker pinned, with one socket
     forks = {tuple(line.split()[1:]) for line in lines if line.startswith("post_fork")}
