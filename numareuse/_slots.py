@@ -56,7 +56,7 @@ def _level(shares: list[int], extra: int) -> list[int]:
     order = sorted(range(len(shares)), key=shares.__getitem__)
     vals = [shares[i] for i in order]
     k, total = 1, vals[0]
-    while k < len(vals) and k * vals[k] - (total) <= extra:  # raising the k smallest to vals[k] fits
+    while k < len(vals) and k * vals[k] - total <= extra:  # raising the k smallest to vals[k] fits
         total += vals[k]
         k += 1
     level, rem = divmod(extra + total, k)
@@ -306,8 +306,8 @@ class Slots:
         """Drop the region's chains (after a bulk change); the next user rebuilds them."""
         self.v.put_pad_span("bucket_count", region * self.cap, [0] * self.cap)
 
-    def _rechain(self, region: int) -> list[int]:
-        """Rebuild the region's chains from the table (one pass); returns the table."""
+    def _rechain(self, region: int) -> None:
+        """Rebuild the region's chains from the table (one pass)."""
         table = self.v.span("buckets", region * self.nb, self.nb)
         nxt, heads = [0] * self.nb, [0] * self.cap
         cap = self.cap
@@ -318,7 +318,6 @@ class Slots:
                 heads[o] = b + 1
         self.v.put_pad_span("buckets", region * self.nb, nxt)
         self.v.put_pad_span("bucket_count", region * self.cap, heads)
-        return table
 
     def _pop(self, region: int, idx: int) -> int:
         """A bucket of ``idx`` off its chain, else -1 (the chain is empty or stale)."""
@@ -350,12 +349,8 @@ class Slots:
         return out if len(out) == share else None
 
     def _find(self, table: bytes, idx: int, start: int = 0) -> int:
-        """The first bucket at or after ``start`` that names ``idx``, else -1 (a C-speed scan).
-
-        Cheaper than a list copy of the table for the few buckets a register
-        or an unregister at a large fill touches (measured: 69 vs 102 µs per
-        register into 1023).
-        """
+        """The first bucket at or after ``start`` that names ``idx``, else -1 (a C-speed scan):
+        for when the chains and the shares disagree with the table."""
         pat = _U32.pack(idx)  # the owner half only: the pad half holds the chains
         pos = table.find(pat, start * 8)
         while pos >= 0 and pos % 8:
@@ -408,7 +403,7 @@ class Slots:
             return
         table = None  # read only if a chain fails
         rechained = False
-        taken, changed, nxt = [], {idx}, {}  # nxt: donor -> (where its search goes on, wrapped)
+        taken, changed, nxt = [], {idx}, {}  # nxt: donor -> where a table scan for it goes on
         # the others' shares are level: the largest is nb / (owners - 1) rounded up, unless a
         # change was cut short (then the scan finds it)
         top, pos = -(-self.nb // (owners - 1)), 0
@@ -578,7 +573,7 @@ class Slots:
         region, idx = divmod(slot, self.cap)
         n = self.count(region)
         cookies = self.region_cookies(region, n)
-        if _indexes(cookies, 0):
+        if 0 in cookies:
             others = [i for i, c in enumerate(cookies) if c and i != idx]
         else:  # no hole: every other index (built at C speed)
             others = [*range(idx), *range(idx + 1, n)]

@@ -463,9 +463,17 @@ def sock_opt_int(fd: int, opt: int) -> int:
     return struct.unpack("=i", _getsockopt(fd, opt, 4))[0]
 
 
+IFNAMSIZ = 16
+
+
+def ifname(raw: bytes) -> str:
+    """A getsockopt(SO_BINDTODEVICE) answer as a name ('' for none)."""
+    return raw.split(b"\0", 1)[0].decode(errors="replace")
+
+
 def sock_device(fd: int) -> str:
     """The interface a socket is bound to (SO_BINDTODEVICE), or ''."""
-    return _getsockopt(fd, SO_BINDTODEVICE, 16).split(b"\0", 1)[0].decode(errors="replace")
+    return ifname(_getsockopt(fd, SO_BINDTODEVICE, IFNAMSIZ))
 
 
 def sock_cookie(fd: int) -> int:

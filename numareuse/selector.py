@@ -61,7 +61,7 @@ def _group_key(fd: int) -> tuple[tuple, int]:
         if typ == socket.SOCK_STREAM and not s.getsockopt(socket.SOL_SOCKET, _sys.SO_ACCEPTCONN):
             raise NotInGroupError("TCP socket is not listening")
         # sockets bound to different devices (SO_BINDTODEVICE) form different groups on one address
-        device = s.getsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, 16).split(b"\0", 1)[0].decode()
+        device = _sys.ifname(s.getsockopt(socket.SOL_SOCKET, _sys.SO_BINDTODEVICE, _sys.IFNAMSIZ))
         cookie = _U64.unpack(s.getsockopt(socket.SOL_SOCKET, _sys.SO_COOKIE, 8))[0]
         return (fam, typ, s.proto, addr[:2], device), cookie
     finally:

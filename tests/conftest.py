@@ -67,10 +67,12 @@ def two_cpus():
 LOOPBACK = {socket.AF_INET: "127.0.0.1", socket.AF_INET6: "::1"}
 
 
-def reuseport_socket(family=socket.AF_INET, type=socket.SOCK_STREAM, port=0, reuseport=True, listen=True):
+def reuseport_socket(family=socket.AF_INET, type=socket.SOCK_STREAM, port=0, reuseport=True, listen=True, device=""):
     s = socket.socket(family, type)
     if reuseport:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if device:  # SO_BINDTODEVICE: another reuseport group than the same address without it
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())
     s.bind((LOOPBACK[family], port))
     if type == socket.SOCK_STREAM and listen:
         s.listen(512)

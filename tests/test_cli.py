@@ -16,7 +16,7 @@ import time
 
 import pytest
 from click.testing import CliRunner
-from conftest import LOOPBACK, Tally, assert_runs, handshake, need, pinned
+from conftest import LOOPBACK, Tally, assert_runs, handshake, need, pinned, reuseport_socket
 from numareuse.cli.main import main
 
 from numareuse import _layout, _sys
@@ -478,22 +478,12 @@ def test_commands_racing_to_mount_bpffs_mount_it_once(env):
     assert len(mounts) == 1, mounts
 
 
-def _reuseport_listener(port: int, device: str = "") -> socket.socket:
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    if device:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())
-    s.bind(("127.0.0.1", port))
-    s.listen(16)
-    return s
-
-
 def test_sockets_of_two_reuseport_groups_on_one_port_are_refused(env):
     """Sockets bound to a device and sockets bound to none share 127.0.0.1:port but not the
     kernel's reuseport group: a program attached through one would never see the other's connections."""
-    plain = _reuseport_listener(0)
+    plain = reuseport_socket()
     port = plain.getsockname()[1]
-    socks = [plain, _reuseport_listener(port), _reuseport_listener(port, "lo")]
+    socks = [plain, reuseport_socket(port=port), reuseport_socket(port=port, device="lo")]
     try:
         msg = error_of(cli("attach", "-p", port, ok=False))
         assert f"tcp4 127.0.0.1:{port} has sockets of 2 reuseport groups" in msg, msg
@@ -509,9 +499,9 @@ def test_sockets_of_two_reuseport_groups_on_one_port_are_refused(env):
 
 
 def test_one_group_bound_to_a_device_is_attached(env):
-    first = _reuseport_listener(0, "lo")
+    first = reuseport_socket(device="lo")
     port = first.getsockname()[1]
-    socks = [first, _reuseport_listener(port, "lo")]
+    socks = [first, reuseport_socket(port=port, device="lo")]
     try:
         rep = json.loads(cli("attach", "-p", port, "--json").stdout)
         assert len(rep["sockets"]) == 2
@@ -528,7 +518,7 @@ def test_sockets_held_by_unreadable_processes_are_reported(env, monkeypatch):
     namespace, no CAP_SYS_PTRACE over it) is left to the fallback, and attach says so."""
     from numareuse import discovery
 
-    mine = _reuseport_listener(0)
+    mine = reuseport_socket()
     port = mine.getsockname()[1]
     code = (
         "import socket, sys; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1);"

@@ -15,7 +15,7 @@ import threading
 import time
 
 import pytest
-from conftest import connect_from, drain, pinned
+from conftest import connect_from, drain, pinned, reuseport_socket
 
 from numareuse import CapacityError, NotInGroupError, NumaReuseError, Selector, StateError, _sys
 
@@ -354,12 +354,8 @@ def test_a_stopped_lock_holder_cannot_hang_register(sel, group):
 def test_a_socket_bound_to_a_device_is_another_group(sel, group):
     """SO_BINDTODEVICE makes a separate reuseport group on the same address and port: refused, named."""
     (plain,), port = group(1)
-    dev = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    dev = reuseport_socket(port=port, device="lo")
     try:
-        dev.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        dev.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"lo")
-        dev.bind(("127.0.0.1", port))
-        dev.listen(16)
         sel.attach(plain)
         with pytest.raises(NotInGroupError, match="on device lo"):
             sel.register(dev, 0)
