@@ -371,6 +371,9 @@ class Numareuse:
         )
 
 
+WATCHER_UP = 30  # s: a watcher's first pass, on a loaded machine
+
+
 class Watcher:
     """`numareuse watch` processes, restarted by phase actions; their exit statuses are kept."""
 
@@ -391,7 +394,16 @@ class Watcher:
                 stdout=f,
                 stderr=subprocess.STDOUT,
             )
-        return f"watcher {self.n} started (pid {self.proc.pid})"
+        # Up once its first pass has logged the group's program: its signal handlers are set by then.
+        # A SIGTERM before that (Python still starting, seen once under a CPU hog) ends it by the
+        # signal, as it would any program: harmless, but it is not the clean stop a restart tests.
+        start, log = time.monotonic(), self.logdir / f"watch-{self.n}.log"
+        while not re.search(r", program \d+", log.read_text()):
+            if self.proc.poll() is not None or time.monotonic() - start > WATCHER_UP:
+                tail = " | ".join(log.read_text().splitlines()[-5:])
+                raise ActionError(f"watcher {self.n} not up after {time.monotonic() - start:.1f} s: {tail}")
+            time.sleep(0.02)
+        return f"watcher {self.n} started (pid {self.proc.pid}, up in {time.monotonic() - start:.2f} s)"
 
     def stop(self, sig: int = signal.SIGTERM) -> str:
         if self.proc is None:
