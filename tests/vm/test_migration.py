@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import select
 import socket
-import struct
 import time
 
 import pytest
-from conftest import need, pinned
+from conftest import need, pinned, resent
 
 from numareuse.selector import queued
 
@@ -28,11 +27,6 @@ N = 12  # connections queued on A
 def _tcp_migrate_req() -> str:
     with open("/proc/sys/net/ipv4/tcp_migrate_req") as f:
         return f.read().strip()
-
-
-def _syn_retrans(sock) -> int:
-    """tcpi_total_retrans of a client right after connect: the SYNs it sent again."""
-    return struct.unpack_from("=I", sock.getsockopt(socket.IPPROTO_TCP, 11, 104), 100)[0]
 
 
 def _accept_all(socks: dict, timeout: float = 10) -> dict[int, str]:
@@ -72,7 +66,7 @@ def test_queue_of_a_closing_listener_stays_on_its_node(sel, nodes, group, order)
         with pinned(nodes[node][0]):  # SYNs processed on node `node`: A is its only socket so far
             for _ in range(N):
                 c = socket.create_connection(("127.0.0.1", port), timeout=30)
-                retrans += _syn_retrans(c)
+                retrans += resent(c)
                 clients.append(c)
         assert queued(a.fileno()) == N
         syn = stats_since(sel, start)
