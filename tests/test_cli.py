@@ -38,8 +38,12 @@ def env(kernel, two_cpus, tmp_path, monkeypatch):
     yield bpffs
     # every mount: a watcher and a CLI run that raced to mount it stack two
     for _ in range(5):
-        if subprocess.run(["umount", str(bpffs)], capture_output=True).returncode:
+        r = subprocess.run(["umount", str(bpffs)], capture_output=True, text=True)
+        if r.returncode:
             break
+    # a mount left behind outlives the test (pytest cannot even remove its directory): busy means a
+    # process the test started still works in it
+    assert not os.path.ismount(bpffs), f"bpffs still mounted: {r.stderr.strip()}"
     # nothing we loaded may outlive a test: its servers are stopped, its pins unmounted
     maps, progs = made.alive()
     assert not progs and not maps, f"leaked BPF programs {progs}, maps {maps}"

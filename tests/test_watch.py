@@ -162,6 +162,20 @@ class Watcher:
             self.proc.send_signal(sig)
         return self.proc.wait(30)
 
+    def kill(self) -> None:
+        """SIGKILL the watcher and the attach it may have forked (which ignores SIGTERM and would
+        finish on its own, holding the test's bpffs busy past its umount)."""
+        if self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGSTOP)  # no new fork while its children are listed
+        with contextlib.suppress(psutil.Error):
+            procs = [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
+            for p in procs:
+                with contextlib.suppress(psutil.Error):
+                    p.kill()
+            psutil.wait_procs(procs, timeout=10)
+        self.proc.wait(10)
+
 
 @pytest.fixture
 def watcher(env, tmp_path):  # noqa: F811
@@ -174,9 +188,7 @@ def watcher(env, tmp_path):  # noqa: F811
 
     yield start
     for w in made:
-        if w.proc.poll() is None:
-            w.proc.kill()
-            w.proc.wait(10)
+        w.kill()
 
 
 def status() -> list[dict]:
