@@ -56,9 +56,7 @@ def vm_watcher(env, tmp_path):  # noqa: F811
     yield start
     for w in made:
         print(f"watcher {w.proc.pid} log:", *w.log, sep="\n  ")  # shown when the test failed
-        if w.proc.poll() is None:
-            w.proc.kill()
-            w.proc.wait(10)
+        w.kill()
 
 
 def node_of(nodes: dict[int, list[int]]) -> dict[int, int]:
