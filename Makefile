@@ -76,11 +76,14 @@ bench: setup
 # numareuse attach/detach cycles, domain-spec swaps, nginx reloads, worker kill -9
 # (with and without numareuse) and watcher restarts (where `numareuse watch` exists).
 # Every phase without kills must lose no request. Prints a markdown table, writes
-# bench/soak-results.json (not committed); 60 s of load, about 1.5 min in all.
+# bench/soak-results.json (not committed); 60 s of load, about 1.5 min.
 # SOAK_ARGS="--duration 120 --cycles 40" to change durations and counts (--help);
 # tests/test_soak.py runs the short form (--short) inside `make test`.
+# Then the fuzz tests with SOAK_FUZZ_EXAMPLES examples each (`make test` runs 100; about 2 min here).
+SOAK_FUZZ_EXAMPLES ?= 1000
 soak: setup
 	$(PY) -m bench.soak $(SOAK_ARGS)
+	NUMAREUSE_FUZZ_EXAMPLES=$(SOAK_FUZZ_EXAMPLES) $(VENV)/bin/pytest -q -p no:cacheprovider tests/test_fuzz.py tests/test_fuzz_meta.py
 
 # Demo (issue 5): the bundled pre-fork server on loopback, one worker per CPU,
 # under client load pinned per CPU: first the kernel's default balancing, then
