@@ -2,8 +2,8 @@
 
 Each step is a point between two kernel-visible changes (a map update, an
 attach, a rename) where a real crash would leave partial state behind. The
-tests kill the CLI or the library at every one of them and check that the
-next attach, detach and status converge, and that no connection failed.
+tests kill the CLI, or a watcher's attach, at every one of them and check that
+the next attach, detach and status converge, and that no connection failed.
 """
 
 from __future__ import annotations
@@ -25,5 +25,15 @@ STEPS = (
 
 
 def point(step: str) -> None:
-    if os.environ.get("NUMAREUSE_CRASH_AT") == step:
-        os.kill(os.getpid(), signal.SIGKILL)
+    """Die here if NUMAREUSE_CRASH_AT names this step; with NUMAREUSE_CRASH_ONCE=<path>, only the
+    first process to get here dies (it creates the file), so that a retry, such as a watcher's next
+    attach, runs through."""
+    if os.environ.get("NUMAREUSE_CRASH_AT") != step:
+        return
+    once = os.environ.get("NUMAREUSE_CRASH_ONCE")
+    if once:
+        try:
+            os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        except FileExistsError:
+            return
+    os.kill(os.getpid(), signal.SIGKILL)
