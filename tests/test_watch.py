@@ -298,7 +298,8 @@ def test_reload_in_the_middle_of_a_scan_leaves_no_socket_alive(nginx, watcher, t
     old = listening_inodes(srv.port)
     files["arm"].touch()
     w.proc.send_signal(signal.SIGHUP)  # re-checks every group: a scan that now stops holding its duplicates
-    wait_for("the scan to pause", files["paused"].exists)
+    # the script opens the file, then writes its pid: wait for the pid, not only the file
+    wait_for("the scan to pause", lambda: files["paused"].exists() and files["paused"].read_text().strip())
     scanner = int(files["paused"].read_text())
     srv.reload(2)
     # the two sockets nginx closed listen on, through the paused scan's duplicates alone
