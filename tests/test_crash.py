@@ -19,7 +19,7 @@ import sys
 import pytest
 from test_cli import Server, ask, cli, env, pinned_groups, server  # noqa: F401  (fixtures)
 from test_upgrade import Load
-from test_watch import Watcher
+from test_watch import watcher  # noqa: F401  (fixture)
 
 from numareuse import _crash, _sys
 
@@ -72,46 +72,38 @@ def test_a_crash_at_every_step_converges_and_loses_no_connection(env, server, st
             cli("attach", "-p", srv.port, "-d", "cpu", "-q")
         else:
             cli(*args)  # the same command again converges
+    assert_converged(srv, load, [1, 0, 1, 1] if step in ("move.vacated", "compact.moved") else [0, 0, 1, 1])
+    cli("detach", "-p", srv.port)
+    assert pinned_groups(env) == []
+
+
+def assert_converged(srv, load, want: list[int]) -> None:
+    """No connect failed; every live socket is registered, worker i's in domain want[i]; steering is exact."""
     assert load.failed == [], load.failed[:3]
     assert load.ok > 0
     (g,) = json.loads(cli("status", "--json").stdout)
     socks = [s for s in g["sockets"] if s["domain"] != "drained"]
     assert len(socks) == 4 and all(s["live"] for s in socks), socks
-    want = [1, 0, 1, 1] if step in ("move.vacated", "compact.moved") else [0, 0, 1, 1]
     by_pid = {o["pid"]: s["domain"] for s in socks for o in s["owners"]}
     assert [by_pid[p] for p in srv.pids] == want
     for cpu in (0, 1):
         got = ask(cpu, srv.port)
         assert all(want[i] == cpu for i in got), (cpu, got)  # every answer from a worker of the client's domain
-    cli("detach", "-p", srv.port)
-    assert pinned_groups(env) == []
 
 
 @pytest.mark.parametrize("step", ("insert.put", "insert.counted", "attach.staged", "attach.attached"))
-def test_a_watcher_whose_attach_is_killed_at_a_step_retries_and_converges(env, server, tmp_path, step):  # noqa: F811
+def test_a_watcher_whose_attach_is_killed_at_a_step_retries_and_converges(env, server, watcher, tmp_path, step):  # noqa: F811
     """The steps of a first attach, in the child a watcher forks for it: the child is killed once
     (NUMAREUSE_CRASH_ONCE), the watcher logs it, stays up, and its retry steers every socket."""
     srv = server("--workers", 4, "--cpus", "0,0,1,1")
     once = tmp_path / "crashed"
     crash = {"NUMAREUSE_CRASH_AT": step, "NUMAREUSE_CRASH_ONCE": str(once)}
-    w = Watcher(tmp_path, "--port", srv.port, "--domains", "cpu", extra_env=crash)
-    try:
-        with Load(srv.port) as load:
-            w.wait_log(r"error: the attach process died \(signal 9\) without a report")
-            w.wait_log(r", program \d+")  # the retry attached
-        assert once.exists()
-        assert load.failed == [], load.failed[:3]
-        assert load.ok > 0
-        (g,) = json.loads(cli("status", "--json").stdout)
-        socks = [s for s in g["sockets"] if s["domain"] != "drained"]
-        assert len(socks) == 4 and all(s["live"] for s in socks), socks
-        by_pid = {o["pid"]: s["domain"] for s in socks for o in s["owners"]}
-        assert [by_pid[p] for p in srv.pids] == [0, 0, 1, 1]
-        for cpu in (0, 1):
-            got = ask(cpu, srv.port)
-            assert all([0, 0, 1, 1][i] == cpu for i in got), (cpu, got)
-        assert w.stop() == 0, w.log  # SIGTERM: a clean exit, the steering stays
-    finally:
-        w.kill()
+    w = watcher("--port", srv.port, "--domains", "cpu", extra_env=crash)
+    with Load(srv.port) as load:
+        w.wait_log(r"error: the attach process died \(signal 9\) without a report")
+        w.wait_log(r", program \d+")  # the retry attached
+    assert once.exists()
+    assert_converged(srv, load, [0, 0, 1, 1])
+    assert w.stop() == 0, w.log  # SIGTERM: a clean exit, the steering stays
     cli("detach", "-p", srv.port)
     assert pinned_groups(env) == []
