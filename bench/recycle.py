@@ -37,7 +37,7 @@ import sys
 import threading
 import time
 
-from . import log
+from . import log, rsts
 from .release import REPO
 
 HOST = "127.0.0.1"
@@ -269,7 +269,7 @@ class Netns:
         subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
 
 
-def _one_case(ns: Netns, case: str, port: int, config: dict, seconds: float) -> dict:
+def _one_case(ns: Netns, case: str, port: int, config: dict, seconds: float, census=None) -> dict:
     ns.sysctl("net.ipv4.tcp_migrate_req", 1 if case == "kernel_hash_migrate" else 0)
     mode = "numareuse" if case == "numareuse" else "hash"
     cmd = [sys.executable, "-m", "bench.recycle", "serve", "--port", port, "--mode", mode]
@@ -281,6 +281,7 @@ def _one_case(ns: Netns, case: str, port: int, config: dict, seconds: float) -> 
         if line != "ready":
             raise RuntimeError(f"bench.recycle server ({case}) did not start: {line!r}")
         before = ns.nstat()
+        rst0 = census.snapshot() if census else {}
         wrk = subprocess.run(
             ns.cmd("wrk", "-t2", "-c16", f"-d{seconds}s", "-H", "Connection: close", f"http://{HOST}:{port}/"),
             capture_output=True,
@@ -288,6 +289,7 @@ def _one_case(ns: Netns, case: str, port: int, config: dict, seconds: float) -> 
             timeout=seconds + 60,
         )
         after = ns.nstat()
+        rst1 = census.snapshot() if census else {}
         srv.send_signal(signal.SIGTERM)
         out, _ = srv.communicate(timeout=30)
     finally:
@@ -298,6 +300,9 @@ def _one_case(ns: Netns, case: str, port: int, config: dict, seconds: float) -> 
     tail = [ln for ln in out.splitlines() if ln.startswith("{")]
     got.update(json.loads(tail[-1]) if tail else {})
     got["nstat"] = {k: after[k] - before.get(k, 0) for k in NSTAT if k in after}
+    # every RST by the kernel path that sent it (bench/rsts.py): which losses migration could not prevent
+    # (wrk's own teardown at the end of its run is in the window: its open connections, "close")
+    got["rst_paths"] = census.delta(rst0, rst1)["paths"] if census else None
     got["errors_per_100k"] = 1e5 * got["errors"] / got["requests"] if got["requests"] else None
     c = got.get("counters")
     if c:
@@ -312,6 +317,11 @@ def _one_case(ns: Netns, case: str, port: int, config: dict, seconds: float) -> 
 def measure_recycling(cpus, plan, res) -> None:
     """Every configuration of ``plan.recycle_configs`` under the three cases, in one namespace."""
     ns = Netns()
+    try:
+        census = rsts.RstCensus()
+    except Exception as e:  # the figures stand without it; only the paths of the resets go unnamed
+        census = None
+        log(f"recycling: RSTs not told apart by kernel path ({type(e).__name__}: {e})")
     out = {"wrk": f"-t2 -c16 -d{plan.recycle_seconds}s -H 'Connection: close'", "configs": []}
     port = 8080
     try:
@@ -319,7 +329,7 @@ def measure_recycling(cpus, plan, res) -> None:
             conf = dict(config)
             for case in CASES:
                 port += 1
-                conf[case] = got = _one_case(ns, case, port, config, plan.recycle_seconds)
+                conf[case] = got = _one_case(ns, case, port, config, plan.recycle_seconds, census)
                 extra = ""
                 if "counters" in got:
                     c = got["counters"]
@@ -332,11 +342,13 @@ def measure_recycling(cpus, plan, res) -> None:
                     f"recycling {config['name']}, {case}: {got['errors']} errors in {got['requests']} requests "
                     f"({got['errors_per_100k'] or 0:.1f} per 100k; connect {got['connect']} read {got['read']} "
                     f"write {got['write']} timeout {got['timeout']}), {got.get('respawned')} workers "
-                    f"recycled{extra}; netstat {got['nstat']}"
+                    f"recycled{extra}; netstat {got['nstat']}; RSTs by kernel path {got['rst_paths']}"
                 )
             out["configs"].append(conf)
     finally:
         ns.close()
+        if census is not None:
+            census.close()
     res["recycling"] = out
 
 

@@ -80,7 +80,7 @@ class RstCensus:
         _headers.ensure_kernel_source()
         from bcc import BPF  # LLVM at run time: a benchmark's tool, never loaded in a serving process
 
-        self.bpf = BPF(text=PROGRAM)
+        self.bpf = BPF(text=PROGRAM.encode())
         self._paths: dict[int, tuple[str, list[str]]] = {}
 
     def snapshot(self) -> dict[int, int]:
