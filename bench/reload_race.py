@@ -69,12 +69,12 @@ def arm_run(arm: str, reloads: int) -> dict:
         time.sleep(soak.TAIL)
         c1, r1 = soak.counters(), census.snapshot()  # before wrk's own teardown resets
         seconds = time.monotonic() - t0
+        census_d = census.delta(r0, r1)
         w = wrk.stop()
         if arm == "numareuse":
             nr.detach()
     finally:
         ng.stop()
-        census_d = census.delta(r0, r1) if "r1" in locals() else {"paths": {}}
         census.close()
         subprocess.run(["umount", str(bpffs)], capture_output=True)
     d = soak.delta(c0, c1)
