@@ -2,7 +2,7 @@
 
 A BPF program on the raw tracepoint ``tcp_send_reset`` (no tracefs needed) counts
 each reset by its kernel stack; :meth:`RstCensus.snapshot` reads the counts and
-:func:`census_delta` turns two snapshots into counts per *path*, a name for what
+:meth:`RstCensus.delta` turns two snapshots into counts per *path*, a name for what
 made the kernel reset the connection:
 
 - ``handshake_vs_close``: a handshake's last ACK completed the connection while its
@@ -15,9 +15,11 @@ made the kernel reset the connection:
 - ``unmigrated``: a closing listener's queued connection found no other listener
   (``inet_csk_listen_stop``): what migration (numareuse's SELECT_OR_MIGRATE
   program, or ``tcp_migrate_req``) is there to prevent.
-- ``reply``: an answer to a segment that met no socket or a closed one
+- ``reply``: an answer to a segment that met no socket (a SYN to a port with no
+  listener), a TIME_WAIT socket, or a socket whose state rejects it
   (``tcp_v4_send_reset``/``tcp_v6_send_reset``, outside the paths above).
-- ``close``: an application closed a connection with unread data or with linger 0.
+- ``close``: a connection closed with unread data or with linger 0 (by its
+  application, or by the kernel for a process that died).
 - ``other``: any other path (the stack is kept, for a look).
 
 The soak uses it to tell a reset numareuse could cause from the kernel's own,
