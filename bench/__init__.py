@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -23,6 +24,15 @@ def git_commit() -> str | None:
     except OSError:
         return None
     return r.stdout.strip() or None
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing holds now (the kernel's pick, released)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
 
 
 def write_json(path: str, obj) -> None:

@@ -24,14 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from . import git_commit, log, rsts, soak, write_json
+from . import free_port, git_commit, log, rsts, soak, write_json
 
 ARMS = ("kernel", "kernel_migrate", "numareuse")
 SHOWN = ("TcpOutRsts", "TcpEstabResets", "TcpExtTCPMigrateReqSuccess", "TcpExtTCPMigrateReqFailure")
@@ -41,15 +39,8 @@ def arm_run(arm: str, reloads: int) -> dict:
     """One arm, inside its namespace."""
     subprocess.run([soak.IP, "link", "set", "lo", "up"], check=True)
     Path("/proc/sys/net/ipv4/tcp_migrate_req").write_text("1" if arm == "kernel_migrate" else "0")
-    work = Path(tempfile.mkdtemp(prefix="numareuse-race-"))
-    bpffs = work / "bpffs"
-    bpffs.mkdir()
-    subprocess.run(["mount", "-t", "bpf", "bpf", str(bpffs)], check=True)
-    env = dict(os.environ, NUMAREUSE_BPFFS=str(bpffs), NUMAREUSE_RUNDIR=str(work / "run"))
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
+    work, bpffs, env = soak.private_state("numareuse-race-")
+    port = free_port()
     ng = soak.Nginx(work, port, sorted(os.sched_getaffinity(0)))
     nr = soak.Numareuse([sys.executable, "-m", "numareuse.cli.main"], env, port)
     census = rsts.RstCensus()

@@ -48,7 +48,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import git_commit, nginx, rsts, write_json
+from . import free_port, git_commit, nginx, rsts, write_json
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -546,7 +546,7 @@ def run_phase(ph: Phase, url: str, workdir: Path, index: int, nginx: Nginx, plan
     res["rst_paths"] = census_d["paths"]
     if census_d["other_stacks"]:
         res["rst_other_stacks"] = census_d["other_stacks"]
-    res["kernel_race"] = min(res["failed"], res["rst_paths"].get(rsts.RACE, 0))
+    res["kernel_race"] = race_resets(res)
     res["verdict"] = verdict(res, ph, errors)
     if res["TcpOutRsts"]:
         res["rst_companions"] = {k: d.get(k, 0) for k in RST_COMPANIONS if d.get(k)}
@@ -560,6 +560,11 @@ def run_phase(ph: Phase, url: str, workdir: Path, index: int, nginx: Nginx, plan
     return res
 
 
+def race_resets(res: dict) -> int:
+    """The phase's failed requests that a handshake_vs_close reset explains, one for one."""
+    return min(res["failed"], res["rst_paths"].get(rsts.RACE, 0))
+
+
 def verdict(res: dict, ph: Phase, errors: list[str]) -> str:
     """A phase's verdict from its counts: kill runs are compared in kill_summary, reference rows never fail."""
     if ph.kills:
@@ -571,7 +576,7 @@ def verdict(res: dict, ph: Phase, errors: list[str]) -> str:
     if not ph.judged:
         return "reference"
     # a failed request is judged unless a reset by the kernel's own race explains it, one for one
-    bad = [f"failed={res['failed']}"] if res["failed"] > res["kernel_race"] else []
+    bad = [f"failed={res['failed']}"] if res["failed"] > race_resets(res) else []
     bad += [f"{k}={res[k]}" for k in (*MUST_BE_ZERO, "stranded") if res[k]]
     # a closing listener's queued connection reset: what numareuse's migrating program is there to prevent
     unmigrated = res["rst_paths"].get(rsts.UNMIGRATED, 0) if ph.arm == "numareuse" else 0
@@ -767,6 +772,22 @@ class StateCheck:
         return action
 
 
+def private_state(prefix: str) -> tuple[Path, Path, dict[str, str]]:
+    """A work directory with a bpffs mounted in it, and the environment that points numareuse at it.
+
+    ip netns exec gave this process a private mount namespace (and a fresh /sys without bpffs):
+    a bpffs mounted here is seen by every CLI run below, its children, and by nothing outside.
+    No crash hook reaches the CLI runs.
+    """
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    bpffs = work / "bpffs"
+    bpffs.mkdir()
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(bpffs)], check=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMAREUSE_CRASH")}
+    env.update(NUMAREUSE_BPFFS=str(bpffs), NUMAREUSE_RUNDIR=str(work / "run"))
+    return work, bpffs, env
+
+
 def inner(args, plan: Plan) -> int:
     """The soak itself, run inside the namespace by ``ip netns exec`` (own network and mount namespaces)."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -775,20 +796,10 @@ def inner(args, plan: Plan) -> int:
         sys.exit("soak: needs at least 2 CPUs (one pinned nginx worker per CPU, domains by CPU)")
     spec = ";".join(map(str, cpus))
     base = len(cpus)
-    work = Path(tempfile.mkdtemp(prefix="numareuse-soak-"))
-    bpffs = work / "bpffs"
-    bpffs.mkdir()
-    # ip netns exec gave this process a private mount namespace (and a fresh /sys without bpffs):
-    # a bpffs mounted here is seen by every CLI run below, its children, and by nothing outside
-    subprocess.run(["mount", "-t", "bpf", "bpf", str(bpffs)], check=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMAREUSE_CRASH")}
-    env.update(NUMAREUSE_BPFFS=str(bpffs), NUMAREUSE_RUNDIR=str(work / "run"))
+    work, bpffs, env = private_state("numareuse-soak-")
     if args.cli:  # another numareuse (another checkout's venv): not this checkout's package
         env.pop("PYTHONPATH", None)
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/"
     cmd = args.cli.split() if args.cli else [sys.executable, "-m", "numareuse.cli.main"]
     nr = Numareuse(cmd, env, port)

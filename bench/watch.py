@@ -38,21 +38,13 @@ import time
 from numareuse import _sys
 from numareuse.state import Group, Store
 
-from . import nginx
+from . import free_port, nginx
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 
 
 def log(msg: str) -> None:
     print(f"bench.watch: {msg}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def listener(port: int) -> socket.socket:

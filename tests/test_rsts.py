@@ -120,10 +120,9 @@ def test_the_kernels_handshake_race_is_told_apart():
 
 
 def row(**kw) -> dict:
-    r = {"failed": 0, "kernel_race": 0, "stranded": 0, "rst_paths": {}}
+    r = {"failed": 0, "stranded": 0, "rst_paths": {}}
     r.update({k: 0 for k in soak.MUST_BE_ZERO})
     r.update(kw)
-    r["kernel_race"] = min(r["failed"], r["rst_paths"].get(rsts.RACE, 0))
     return r
 
 
