@@ -26,6 +26,8 @@ from pathlib import Path
 import pytest
 from conftest import need, pinned
 
+from bench import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 GUNICORN = str(Path(sys.executable).with_name("gunicorn"))
 WRK = shutil.which("wrk")
@@ -49,14 +51,6 @@ function done(summary, latency, requests)
   end
 end
 """
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def cpus_of(text: str) -> set[int]:

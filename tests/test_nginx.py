@@ -15,18 +15,11 @@ import pytest
 from conftest import assert_runs, handshake, need, pinned
 from test_cli import cli, env  # noqa: F401  (fixture)
 
+from bench import free_port
 from bench.nginx import conf as nginx_conf
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 WRK = shutil.which("wrk")
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 @pytest.fixture
